@@ -1,0 +1,449 @@
+"""Datasets, label tables, ClassMix and strong augmentation for MFM (METHOD.md §4-5).
+
+GTA5, SYNTHIA-RAND-CITYSCAPES and Cityscapes are read from their official download trees (no conversion step);
+label ids become Cityscapes trainIds through lookup tables on the fly. "toy-day" -> "toy-night" is a
+procedural street-scene domain shift, generated in memory, for the CPU demo and the tests. class_mix and
+strong_augment are steps 3-4 of the DACS baseline (METHOD.md §4), in plain torch, batched, on any device.
+Training datasets are "infinite": ds[k] for the global sample counter k returns (image float32 (3, c, c) in
+[0, 1], label int64 (c, c), 255 = ignore) and depends only on (seed, k): resuming at step s = starting at
+k = s * batch_size, with any number of DataLoader workers. Evaluation (train=False) returns the image resized
+to ds.eval_size, the label at full native resolution and the ground-truth file's name inside the split.
+
+    python data.py --bench --workers 2 --n 32   # images/s of the training pipeline on GTA-sized files
+    python data.py --show toy                   # writes toy_grid.png: toy-day / toy-night with labels
+"""
+import argparse
+import json
+import math
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+IGNORE_INDEX = 255
+CLASS_NAMES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+               "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
+               "bicycle")
+PALETTE = ((128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
+           (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
+           (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32))
+# METHOD.md §5 (cityscapesscripts.helpers.labels); GTA labels use the same ids. Every other id is ignored.
+CITYSCAPES_ID_TO_TRAINID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
+                            25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+TRAINID_TO_LABELID = {t: i for i, t in CITYSCAPES_ID_TO_TRAINID.items()}
+SYNTHIA_ID_TO_TRAINID = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 1: 10, 10: 11, 17: 12, 8: 13,
+                         19: 15, 12: 17, 11: 18}
+SYNTHIA_16 = tuple(sorted(SYNTHIA_ID_TO_TRAINID.values()))  # all but terrain 9, truck 14, train 16
+SYNTHIA_13 = tuple(t for t in SYNTHIA_16 if t not in (3, 4, 5))  # minus wall, fence, pole
+CITYSCAPES_LUT = np.full(256, IGNORE_INDEX, np.uint8)  # label id -> trainId, uint8 lookup table
+CITYSCAPES_LUT[list(CITYSCAPES_ID_TO_TRAINID)] = list(CITYSCAPES_ID_TO_TRAINID.values())
+SYNTHIA_LUT = np.full(65536, IGNORE_INDEX, np.uint8)  # SYNTHIA ids are 16-bit
+SYNTHIA_LUT[list(SYNTHIA_ID_TO_TRAINID)] = list(SYNTHIA_ID_TO_TRAINID.values())
+DATASETS = ("gta", "synthia", "cityscapes", "toy-day", "toy-night")
+SOURCE_DATASETS = ("gta", "synthia", "toy-day")  # labelled source domains: crops retried (cat_max_ratio)
+# (W, H) before cropping, METHOD.md §4. GTA: 1280x720 as in DACS (DAFormer keeps the aspect: 1280x704).
+RESIZE = {"gta": (1280, 720), "synthia": (1280, 760), "cityscapes": (1024, 512),
+          "toy-day": (128, 64), "toy-night": (128, 64)}
+EXPECTED_TREE = {
+    "gta": "<root>/gta/images/00001.png ...\n<root>/gta/labels/00001.png ...   (8-bit palette PNGs, label ids)",
+    "synthia": "<root>/synthia/RGB/0000000.png ...\n<root>/synthia/GT/LABELS/0000000.png ...   (16-bit PNGs)",
+    "cityscapes": "<root>/cityscapes/leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png\n"
+                  "<root>/cityscapes/gtFine/<split>/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png"}
+CAT_MAX_RATIO, CROP_TRIES = 0.75, 10  # source crops: retry while one class fills > 75% (mmseg RandomCrop)
+MAX_BAD_FILES = 10  # training skips up to this many unreadable files in a row, then raises
+RCS_TEMPERATURE = 0.01  # DAFormer rare class sampling
+# DAFormer's thresholds: > 3000 px of the class in the (full-resolution) image, > 1500 px in a 512 crop. Our
+# choice: scale them down with the area for smaller images/crops (toy, tests); paper settings stay exact.
+RCS_MIN_PIXELS, RCS_REF_AREA, RCS_MIN_CROP_PIXELS = 3000, 1280 * 720, 1500
+TOY_LEN = {"train": 2000, "val": 100}
+TOY_VAL_OFFSET = 1_000_000  # val scene i uses scene seed offset + i: disjoint from train
+
+
+class DatasetError(Exception):
+    """A dataset that is missing, empty or unreadable, or a bad dataset option."""
+
+
+def colorize(label):
+    """Label (H, W) trainIds (numpy or tensor) -> uint8 RGB (H, W, 3) with PALETTE; 255 and unknown -> black."""
+    label = label.detach().cpu().numpy() if torch.is_tensor(label) else np.asarray(label)
+    lut = np.zeros((256, 3), np.uint8)
+    lut[:len(PALETTE)] = PALETTE
+    return lut[np.clip(label, 0, 255).astype(np.uint8)]
+
+
+# ----------------------------------------------------------------------------- files
+def _read_png(path, what, mode=None):
+    """(file's mode, array converted to `mode`), or a DatasetError naming the file."""
+    try:
+        with Image.open(path) as im:
+            return im.mode, np.asarray(im.convert(mode) if mode else im)
+    except (OSError, ValueError) as err:
+        raise DatasetError(f"cannot read {what} {path}: {err}. Re-download or remove the file.") from err
+
+
+def _read_label_ids(path, name):
+    if name == "synthia":
+        # Pillow opens 16-bit RGB PNGs as 8-bit RGB keeping only the high byte, so every id < 256 reads as 0.
+        try:
+            import cv2
+        except ImportError as err:
+            raise DatasetError("SYNTHIA labels are 16-bit multi-channel PNGs that Pillow cannot read; install "
+                               "OpenCV for them: pip install opencv-python-headless") from err
+        ids = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if ids is not None:
+            return ids[..., 2] if ids.ndim == 3 else ids  # OpenCV gives BGR(A): 2 = the PNG's first channel
+        raise DatasetError(f"cannot read SYNTHIA label {path}. Re-download or remove the file.")
+    mode, ids = _read_png(path, "label")
+    if mode not in ("P", "L"):  # an RGB colour-coded label would silently give garbage ids
+        raise DatasetError(f"label {path} has mode {mode}; expected label ids as a palette (P) or grayscale (L) "
+                           f"PNG, as in the official {name} download.")
+    return ids
+
+
+def _list_files(name, root, split):
+    """[(image path, label path, label name inside the split)] of the pairs in the official tree."""
+    if name != "cityscapes" and split != "train":
+        raise DatasetError(f"{name} has only the split 'train' (all images), got split={split!r}.")
+    img_dir, lbl_dir, pattern, img_suffix, lbl_suffix = {
+        "gta": ("gta/images", "gta/labels", "*", ".png", ".png"),
+        "synthia": ("synthia/RGB", "synthia/GT/LABELS", "*", ".png", ".png"),
+        "cityscapes": (f"cityscapes/leftImg8bit/{split}", f"cityscapes/gtFine/{split}", "*/*", "_leftImg8bit.png",
+                       "_gtFine_labelIds.png")}[name]
+    img_dir, lbl_dir = root / img_dir, root / lbl_dir
+    for d in (root, img_dir, lbl_dir):
+        if not d.is_dir():
+            raise DatasetError(f"{name}: directory {d} not found. Expected the official tree under the data "
+                               f"root {root}:\n{EXPECTED_TREE[name]}")
+    images = {p.relative_to(img_dir).as_posix()[:-len(img_suffix)]: p for p in img_dir.glob(pattern + img_suffix)}
+    labels = {p.relative_to(lbl_dir).as_posix()[:-len(lbl_suffix)]: p for p in lbl_dir.glob(pattern + lbl_suffix)}
+    unpaired = sorted(images.keys() ^ labels.keys())
+    if unpaired:  # some GTA downloads lack ~25 pairs (METHOD.md §5)
+        warnings.warn(f"{name}: skipping {len(unpaired)} unpaired image/label files (e.g. {unpaired[0]}) "
+                      f"in {img_dir} and {lbl_dir}")
+    keys = sorted(images.keys() & labels.keys())
+    if not keys:
+        raise DatasetError(f"{name}: no images {pattern}{img_suffix} with labels found in {img_dir} and {lbl_dir}. "
+                           f"Expected:\n{EXPECTED_TREE[name]}")
+    return [(images[k], labels[k], k + lbl_suffix) for k in keys]
+
+
+# ----------------------------------------------------------------------------- toy domain shift
+# Per trainId: day colour, texture, amplitude, then the same at night. Textures: 0 flat, 1 noise, 2 window grid,
+# 3 bars, 4 paving joints, 5 vertical gradient, 6 horizontal streaks, 7 dots. Night changes some looks on purpose
+# (lit windows, stars, wet road, red cars, a sidewalk like the day road): source-only models fail on those.
+_TOY_LOOK = {0: ((95, 95, 100), 1, .15, (70, 60, 85), 6, .8), 1: ((175, 165, 150), 4, -.3, (95, 95, 100), 1, .15),
+             2: ((160, 120, 95), 2, -.35, (55, 50, 65), 2, 2.5), 4: ((130, 105, 75), 3, .5, (90, 80, 60), 3, .5),
+             5: ((90, 90, 95), 0, 0, (120, 120, 110), 0, 0), 6: ((40, 40, 40), 7, 2., (40, 170, 70), 0, 0),
+             7: ((225, 200, 40), 0, 0, (250, 250, 210), 0, 0), 8: ((65, 135, 55), 1, .3, (30, 55, 45), 1, .3),
+             9: ((150, 160, 85), 1, .3, (80, 65, 50), 1, .3), 10: ((135, 185, 235), 5, -.4, (20, 25, 60), 7, 4.),
+             11: ((200, 70, 70), 1, .1, (120, 130, 165), 1, .1), 13: ((45, 75, 200), 1, .1, (170, 40, 45), 6, .5)}
+_TOY_COLOUR, _TOY_TEX, _TOY_AMP = np.zeros((2, 256, 3)), np.zeros((2, 256), np.int64), np.zeros((2, 256))
+for _c, _look in _TOY_LOOK.items():  # (domain, trainId) tables: 0 = day, 1 = night
+    _TOY_COLOUR[:, _c], _TOY_TEX[:, _c], _TOY_AMP[:, _c] = _look[::3], _look[1::3], _look[2::3]
+
+
+def _fill(lbl, y0, y1, x0, x1, cls):  # a box, clipped at the border (negative starts would wrap around)
+    lbl[max(int(y0), 0):max(int(y1), 0), max(int(x0), 0):max(int(x1), 0)] = cls
+
+
+def toy_scene(index, night=False, split="train"):
+    """Procedural street scene -> (image uint8 (64, 128, 3), label uint8 (64, 128) trainIds), deterministic in
+    (domain, split, index). Both domains draw geometry from the same distribution; only appearance differs."""
+    w_img, h_img = RESIZE["toy-day"]
+    rng = np.random.default_rng((int(night), index + (TOY_VAL_OFFSET if split == "val" else 0)))
+    yy, xx = np.mgrid[0:h_img, 0:w_img]
+    lbl = np.full((h_img, w_img), 10, np.uint8)  # sky
+    hor = int(h_img * rng.uniform(0.38, 0.52))  # horizon row
+    x = int(rng.integers(-10, 0))
+    while x < w_img:  # skyline: buildings of varying heights, some trees in between
+        width, top = int(rng.integers(10, 30)), hor - h_img * rng.uniform(0.1, 0.35)
+        if rng.random() < 0.75:
+            _fill(lbl, top, hor, x, x + width, 2)
+        else:
+            lbl[((xx - x - width / 2) / (width / 2)) ** 2 + ((yy - top - 6) / (hor - top)) ** 2 < 1] = 8
+        x += width
+    if rng.random() < 0.6:  # a fence along the far edge of the street
+        x0 = rng.uniform(0, w_img / 2)
+        _fill(lbl, hor - h_img * 0.08, hor, x0, x0 + rng.uniform(20, 60), 4)
+    cx = w_img * rng.uniform(0.35, 0.65)  # vanishing point: road and sidewalks widen towards the bottom
+    road_k, walk_k = rng.uniform(0.35, 0.55) * w_img, rng.uniform(0.12, 0.25) * w_img
+    depth, ground = np.clip((yy - hor) / (h_img - hor), 0, 1), yy >= hor
+    lbl[ground] = 9 if rng.random() < 0.6 else 8  # terrain or hedges beyond the sidewalks
+    lbl[ground & (np.abs(xx - cx) < 4 + depth * (road_k + walk_k))] = 1
+    lbl[ground & (np.abs(xx - cx) < 2 + depth * road_k)] = 0
+    things = [(int(rng.integers(hor + 2, h_img + 1)), kind) for kind in rng.choice(3, rng.integers(3, 9))]
+    for base, kind in sorted(things):  # far to near, so nearer objects occlude farther ones
+        d = (base - hor) / (h_img - hor)
+        road_w, walk_w, side = 2 + d * road_k, 4 + d * (road_k + walk_k), rng.choice((-1, 1))
+        if kind == 0:  # car on the road: body plus a narrower cabin
+            wc, xc = 6 + 0.25 * w_img * d, cx + rng.uniform(-0.7, 0.7) * road_w
+            _fill(lbl, base - 0.35 * wc, base, xc - wc / 2, xc + wc / 2, 13)
+            _fill(lbl, base - 0.6 * wc, base - 0.3 * wc, xc - wc / 4, xc + wc / 4, 13)
+        elif kind == 1:  # person on a sidewalk: body ellipse and head
+            hp, xp = 4 + 0.3 * h_img * d, cx + side * (road_w + rng.uniform(0.2, 0.8) * (walk_w - road_w))
+            lbl[((xx - xp) / max(hp / 6, 1)) ** 2 + ((yy - base + hp * 0.4) / (hp * 0.4)) ** 2 < 1] = 11
+            lbl[((xx - xp) ** 2 + (yy - base + hp * 0.9) ** 2) < max(hp / 8, 0.8) ** 2] = 11
+        else:  # pole at the kerb with a traffic sign or a traffic light on top
+            hp, wp, s, xp = 8 + 0.6 * h_img * d, 1 + 2 * d, 2 + 3 * d, cx + side * (road_w + 1)
+            _fill(lbl, base - hp, base, xp, xp + wp, 5)
+            tall = 2 if rng.random() < 0.5 else 1  # traffic lights are tall, traffic signs wide
+            _fill(lbl, base - hp - tall * s, base - hp + s, xp - s / tall, xp + wp + s / tall, 6 if tall == 2 else 7)
+    textures = np.stack([np.zeros((h_img, w_img)), rng.standard_normal((h_img, w_img)),
+                         ((xx % 6 < 3) & (yy % 5 < 2)).astype(float), (xx % 3 == 0).astype(float),
+                         ((xx % 8 == 0) | (yy % 4 == 0)).astype(float), yy / h_img - 0.5,
+                         (yy % 3 == 0) * rng.random((1, w_img)), (rng.random((h_img, w_img)) > 0.97).astype(float)])
+    colour = _TOY_COLOUR[int(night)] + rng.uniform(-15, 15, (256, 3))  # per-scene colour variation
+    shade = 1 + _TOY_AMP[int(night)][lbl] * textures[_TOY_TEX[int(night)][lbl], yy, xx]
+    img = colour[lbl] * shade[..., None] * rng.uniform(0.85, 1.15)
+    if night:  # global shift: darker, blue cast, 3x3 blur, and (below) stronger sensor noise
+        pad = np.pad(img * 0.7 * np.array([0.8, 0.9, 1.25]), ((1, 1), (1, 1), (0, 0)), mode="edge")
+        img = sum(pad[dy:dy + h_img, dx:dx + w_img] for dy in range(3) for dx in range(3)) / 9
+    img = img + rng.normal(0, 10 if night else 3, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8), lbl
+
+
+# ----------------------------------------------------------------------------- dataset
+class SegDataset(torch.utils.data.Dataset):
+    """One segmentation dataset; see the module docstring for the train/eval item contract."""
+
+    num_classes = len(CLASS_NAMES)
+
+    def __init__(self, name, samples, split, train, crop_size, seed, eval_size, rcs, rcs_cache):
+        self.name, self.samples, self.split, self.train = name, samples, split, train
+        self.crop_size, self.seed, self.eval_size = crop_size, seed, eval_size
+        self.source, self.rcs = name in SOURCE_DATASETS, rcs
+        if train and crop_size > min(eval_size):
+            raise DatasetError(f"crop_size {crop_size} is larger than the resized {name} image "
+                               f"{eval_size[0]}x{eval_size[1]} (WxH); use a crop_size <= {min(eval_size)}.")
+        if rcs:
+            self._init_rcs(rcs_cache)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def load(self, i):
+        """Native-resolution (image uint8 (H, W, 3), label uint8 (H, W) trainIds) of sample i."""
+        if self.name.startswith("toy"):
+            return toy_scene(i, self.name == "toy-night", self.split)
+        img_path, lbl_path, _ = self.samples[i]
+        img, lbl = _read_png(img_path, "image", "RGB")[1], self._label(i)
+        if img.shape[:2] != lbl.shape:
+            raise DatasetError(f"image {img_path} is {img.shape[1]}x{img.shape[0]} but its label {lbl_path} is "
+                               f"{lbl.shape[1]}x{lbl.shape[0]}; they must have the same size.")
+        return img, lbl
+
+    def _label(self, i):
+        if self.name.startswith("toy"):
+            return self.load(i)[1]
+        lut = SYNTHIA_LUT if self.name == "synthia" else CITYSCAPES_LUT
+        return lut[_read_label_ids(self.samples[i][1], self.name)]
+
+    def __getitem__(self, k):
+        if not self.train:
+            if not 0 <= k < len(self):
+                raise IndexError(k)
+            img, lbl = self.load(k)
+            img = _resize(img, self.eval_size, Image.BILINEAR)
+            return _to_tensor(img), torch.from_numpy(lbl.astype(np.int64)), self.samples[k][2]
+        rng, n, rare = np.random.default_rng((self.seed, k)), len(self), None
+        if self.rcs:  # DAFormer RCS: rare class c first, then an image that contains enough of it
+            rare = int(rng.choice(self.num_classes, p=self.rcs_prob))
+            i = int(rng.choice(self.rcs_images[rare]))
+        else:  # image index from the permutation of epoch k // n
+            i = int(np.random.default_rng((self.seed, k // n, 1)).permutation(n)[k % n])
+        for attempt in range(MAX_BAD_FILES + 1):  # an unreadable training file: warn, take the next file
+            try:
+                img, lbl = self.load((i + attempt) % n)
+                break
+            except DatasetError as err:
+                if attempt == MAX_BAD_FILES:
+                    raise
+                warnings.warn(f"{err} Using the next file of the list instead.")
+        img, lbl = _resize(img, self.eval_size, Image.BILINEAR), _resize(lbl, self.eval_size, Image.NEAREST)
+        y, x = self._choose_crop(lbl, rng, rare)
+        c = self.crop_size
+        img, lbl = img[y:y + c, x:x + c], lbl[y:y + c, x:x + c]
+        if rng.random() < 0.5:
+            img, lbl = img[:, ::-1], lbl[:, ::-1]
+        return _to_tensor(img), torch.from_numpy(lbl.astype(np.int64))
+
+    def _choose_crop(self, lbl, rng, rare):
+        """Top-left corner of the crop: source crops are retried while one class fills > 75% of the valid
+        pixels (mmseg cat_max_ratio); with RCS also until the rare class has enough pixels in the crop."""
+        (h, w), c = lbl.shape, self.crop_size
+        for _ in range(CROP_TRIES if self.source or rare is not None else 1):
+            y, x = int(rng.integers(0, h - c + 1)), int(rng.integers(0, w - c + 1))
+            counts = np.bincount(lbl[y:y + c, x:x + c].ravel(), minlength=256)[:self.num_classes]
+            ok = not self.source or (np.count_nonzero(counts) > 1 and counts.max() < CAT_MAX_RATIO * counts.sum())
+            if ok and (rare is None or counts[rare] > self.rcs_min_crop):
+                break
+        return y, x
+
+    def _init_rcs(self, cache):
+        """Class pixel counts per image (computed once, cached as JSON), then P(c) ∝ exp((1 - f_c) / T)."""
+        names = [str(s[2]) for s in self.samples]
+        stats = json.loads(Path(cache).read_text()) if cache and Path(cache).is_file() else None
+        if stats is None or stats.get("names") != names:
+            counts = [np.bincount(self._label(i).ravel(), minlength=256)[:self.num_classes].tolist()
+                      for i in tqdm(range(len(self)), desc=f"{self.name} class statistics for RCS")]
+            stats = {"dataset": self.name, "names": names, "counts": counts, "area": self._label(0).size}
+            if cache:
+                Path(cache).parent.mkdir(parents=True, exist_ok=True)
+                Path(cache).write_text(json.dumps(stats))
+        counts = np.array(stats["counts"], np.int64)  # (N, 19)
+        scale = min(1.0, stats["area"] / RCS_REF_AREA)
+        self.rcs_min_crop = RCS_MIN_CROP_PIXELS * min(1.0, self.crop_size ** 2 / 512 ** 2)
+        self.rcs_images = [np.flatnonzero(counts[:, c] > RCS_MIN_PIXELS * scale) for c in range(self.num_classes)]
+        freq = counts.sum(0) / max(counts.sum(), 1)
+        logits = np.where([len(imgs) > 0 for imgs in self.rcs_images], (1 - freq) / RCS_TEMPERATURE, -np.inf)
+        if np.isinf(logits).all():
+            raise DatasetError(f"rcs=True: no {self.name} image has more than {RCS_MIN_PIXELS * scale:.0f} pixels "
+                               "of any class; rare class sampling needs labelled source images.")
+        self.rcs_prob = torch.softmax(torch.from_numpy(logits), 0).numpy()  # float64
+
+
+def _resize(arr, size, resample):  # (H, W[, 3]) uint8 -> size (W, H)
+    return arr if arr.shape[1::-1] == tuple(size) else np.asarray(Image.fromarray(arr).resize(size, resample))
+
+
+def _to_tensor(img):
+    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float().div_(255)
+
+
+def build_dataset(name, root="data", split="train", train=True, crop_size=512, seed=0, rcs=False, rcs_cache=None,
+                  resize=None):
+    """Dataset `name` (one of DATASETS) under `root`; see the module docstring for what items look like.
+    resize: (W, H) replacing the recipe's size before cropping/evaluation (RESIZE), e.g. for half resolution.
+    rcs_cache: JSON path for the RCS class statistics (None: computed and kept in memory only)."""
+    if name not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
+    if name.startswith("toy"):
+        if split not in TOY_LEN:
+            raise DatasetError(f"{name} has splits {', '.join(TOY_LEN)}, got split={split!r}.")
+        samples = [(None, None, f"{i:05d}.png") for i in range(TOY_LEN[split])]
+    else:
+        samples = _list_files(name, Path(root), split)
+    return SegDataset(name, samples, split, train, crop_size, seed, tuple(resize or RESIZE[name]), rcs, rcs_cache)
+
+
+# ----------------------------------------------------------------------------- DACS mixing and augmentation
+def class_mix(img_src, lbl_src, img_tgt, pseudo_lbl, pseudo_weight, generator=None):
+    """ClassMix (METHOD.md §4.3): per pair, paste the pixels of ceil(n/2) of the n classes in the source label
+    onto the target image (classes drawn with torch's CPU RNG or the CPU `generator`, as in the augmentations).
+    (B,3,H,W), (B,H,W), (B,3,H,W), (B,H,W), q scalar or (B,H,W) -> img_mix (B,3,H,W), lbl_mix (B,H,W) int64,
+    weight_mix (B,H,W) float: 1 on pasted pixels, q elsewhere."""
+    masks = []
+    for lbl in lbl_src:  # the number of classes differs per image: a loop over the batch is unavoidable
+        classes = torch.unique(lbl[lbl != IGNORE_INDEX])
+        order = torch.randperm(len(classes), generator=generator).to(lbl.device)
+        masks.append(torch.isin(lbl, classes[order[:(len(classes) + 1) // 2]]))
+    mask = torch.stack(masks)  # (B, H, W) True = pasted source pixel
+    weight = torch.as_tensor(pseudo_weight, device=lbl_src.device).float().expand(mask.shape)
+    return (torch.where(mask[:, None], img_src, img_tgt), torch.where(mask, lbl_src, pseudo_lbl).long(),
+            torch.where(mask, torch.ones_like(weight), weight))
+
+
+def _uniform(n, lo, hi, like, generator):  # (n, 1, 1, 1) draws of U(lo, hi) on the CPU, moved to like's device
+    return (lo + (hi - lo) * torch.rand(n, generator=generator)).to(like).view(n, 1, 1, 1)
+
+
+def _gray(img):  # ITU-R 601 luma, (B,1,H,W)
+    return 0.299 * img[:, :1] + 0.587 * img[:, 1:2] + 0.114 * img[:, 2:]
+
+
+_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
+
+
+def color_jitter(img, strength=0.2, p=0.8, generator=None):
+    """Per sample with probability p: brightness, contrast, saturation factors ~ U(1-s, 1+s) and a hue shift
+    ~ U(-s, s) of the colour circle (a rotation of the chroma plane in YIQ). (B,3,H,W) in [0,1] -> same."""
+    b = img.shape[0]
+    off = _uniform(b, 0, 1, img, generator) >= p  # samples left untouched
+    bright, contrast, sat = (_uniform(b, 1 - strength, 1 + strength, img, generator).masked_fill(off, 1)
+                             for _ in range(3))
+    angle = _uniform(b, -strength, strength, img, generator).masked_fill(off, 0).view(b) * 2 * math.pi
+    img = (img * bright).clamp(0, 1)
+    mean = _gray(img).mean((1, 2, 3), keepdim=True)
+    img = ((img - mean) * contrast + mean).clamp(0, 1)
+    gray = _gray(img)
+    img = ((img - gray) * sat + gray).clamp(0, 1)
+    one, zero, cos, sin = torch.ones_like(angle), torch.zeros_like(angle), angle.cos(), angle.sin()
+    rot = torch.stack([one, zero, zero, zero, cos, -sin, zero, sin, cos], 1).view(b, 3, 3)
+    hue = _YIQ_TO_RGB.to(img) @ rot @ _RGB_TO_YIQ.to(img)  # (B, 3, 3)
+    return torch.einsum("bij,bjhw->bihw", hue, img).clamp(0, 1)
+
+
+def gaussian_blur(img, p=0.5, sigma=(0.15, 1.15), generator=None):
+    """Per sample with probability p: separable Gaussian blur, σ ~ U(sigma), kernel the odd size nearest
+    0.1·min(H, W) (at least 3) as in DACS. (B,3,H,W) -> same."""
+    b, c, h, w = img.shape
+    k = max(3, (math.ceil(0.1 * min(h, w)) - 1) // 2 * 2 + 1)  # DACS: 51 for 512 crops
+    sig = _uniform(b, sigma[0], sigma[1], img, generator).view(b, 1)
+    kernel = torch.exp(-(torch.arange(k, device=img.device, dtype=img.dtype) - k // 2) ** 2 / (2 * sig ** 2))
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (B*3, k)
+    out = F.pad(img.reshape(1, b * c, h, w), (k // 2, k // 2, 0, 0), mode="reflect")
+    out = F.conv2d(out, kernel.view(b * c, 1, 1, k), groups=b * c)
+    out = F.conv2d(F.pad(out, (0, 0, k // 2, k // 2), mode="reflect"), kernel.view(b * c, 1, k, 1), groups=b * c)
+    return torch.where(_uniform(b, 0, 1, img, generator) < p, out.view(b, c, h, w), img)
+
+
+def strong_augment(img, generator=None):
+    """DACS strong augmentation of the mixed image (METHOD.md §4.4): colour jitter (p 0.8, strength 0.2),
+    then Gaussian blur (p 0.5). (B,3,H,W) in [0,1] -> (B,3,H,W) in [0,1]."""
+    return gaussian_blur(color_jitter(img, generator=generator), generator=generator)
+
+
+# ----------------------------------------------------------------------------- command line
+def _bench(workers, n, batch_size=2):
+    with tempfile.TemporaryDirectory() as tmp:
+        root, rng, ids = Path(tmp), np.random.default_rng(0), np.array(list(CITYSCAPES_ID_TO_TRAINID), np.uint8)
+        for sub in ("images", "labels"):
+            (root / "gta" / sub).mkdir(parents=True)
+        for i in tqdm(range(n), desc="writing GTA-sized PNG pairs"):  # smooth noise: compresses like a photo
+            img = Image.fromarray(rng.integers(0, 256, (66, 120, 3), np.uint8)).resize((1914, 1052), Image.BILINEAR)
+            img.save(root / f"gta/images/{i + 1:05d}.png")
+            lbl = Image.fromarray(rng.choice(ids, (17, 30))).resize((1914, 1052), Image.NEAREST)
+            lbl.putpalette(np.array(PALETTE, np.uint8).ravel().tolist())  # 'L' -> 'P', as the GTA download
+            lbl.save(root / f"gta/labels/{i + 1:05d}.png")
+        ds = build_dataset("gta", root=root, crop_size=512)
+        print(f"training pipeline: GTA 1914x1052 PNG -> 1280x720 -> 512 crop, batch {batch_size}, {n} images "
+              "(first batch untimed)\nworkers  images/s")
+        for w in sorted({0, workers}):
+            loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=range(n), num_workers=w)
+            batches = iter(loader)
+            next(batches)  # not timed: worker start-up
+            start = time.perf_counter()
+            count = sum(img.shape[0] for img, _ in batches)
+            print(f"{w:>7}  {count / (time.perf_counter() - start):8.1f}")
+
+
+def _show(out):
+    rows = []
+    for night in (False, True):
+        scenes = [toy_scene(i, night) for i in range(4)]
+        rows += [np.concatenate([s[0] for s in scenes], 1), np.concatenate([colorize(s[1]) for s in scenes], 1)]
+    Image.fromarray(np.concatenate(rows, 0).repeat(2, 0).repeat(2, 1)).save(out)
+    print(f"wrote {out}: rows toy-day images, labels, toy-night images, labels")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bench", action="store_true", help="write --n random GTA-sized (1914x1052) PNG pairs "
+                        "to a temp dir and report images/s of the training pipeline for 0 and --workers workers")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers to compare with 0 (--bench)")
+    parser.add_argument("--n", type=int, default=32, help="number of fake image/label pairs (--bench)")
+    parser.add_argument("--show", choices=["toy"], help="save toy_grid.png: toy-day/toy-night images and labels")
+    args = parser.parse_args()
+    if args.show:
+        _show("toy_grid.png")
+    if args.bench:
+        _bench(args.workers, args.n)
+    if not (args.show or args.bench):
+        parser.print_help()
