@@ -22,8 +22,8 @@ Adding it to a self-training loop (teacher pseudo-labels `pl`, confidence weight
 Defaults follow the paper (METHOD.md §3): C'=512, grid 16, depth 2, 16 heads, MLP ratio 4, mask ratio 0.4.
 """
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 IGNORE_INDEX = 255  # mirrors data.IGNORE_INDEX; repeated so that this file stays standalone
 

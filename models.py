@@ -16,9 +16,9 @@ import argparse
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB, the statistics torchvision's ImageNet weights were trained with
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -187,6 +187,6 @@ if __name__ == "__main__":
             model = DeepLabV2(backbone=backbone, aspp_dilations=dilations).eval()
             with torch.no_grad():
                 feats = model.encode(torch.zeros(1, 3, args.size, args.size))
-            print(f"{backbone:10s} head {str(dilations):16s} params {count_parameters(model):>11,d} "
+            print(f"{backbone:10s} head {dilations!s:16s} params {count_parameters(model):>11,d} "
                   f"(backbone {count_parameters(model.backbone):,d}, head {count_parameters(model.head):,d}) "
                   f"features {tuple(feats.shape[1:])}")

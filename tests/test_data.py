@@ -4,14 +4,12 @@ the official names and encodings, ClassMix semantics, augmentation invariants, t
     python -m pytest tests/test_data.py -q
 """
 import math
-import struct
 import sys
-import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import label_ids, write_ids, write_png16, write_rgb
 from PIL import Image
 
 import data
@@ -28,44 +26,6 @@ OFFICIAL_LABELS = [
     ("caravan", 29, 255), ("trailer", 30, 255), ("train", 31, 16), ("motorcycle", 32, 17), ("bicycle", 33, 18),
     ("license plate", -1, -1),
 ]
-GTA_PALETTE = np.array(data.PALETTE * 14, np.uint8)[:256].ravel().tolist()
-
-
-# ----------------------------------------------------------------------------- writers (independent of data.py)
-def write_png16(path, arr):
-    """Minimal PNG encoder: 16-bit, 1/3/4 channels, filter type 0 for every row."""
-    h, w, c = arr.shape
-    raw = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
-
-    def chunk(tag, payload):
-        return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", zlib.crc32(tag + payload))
-
-    header = struct.pack(">IIBBBBB", w, h, 16, {1: 0, 3: 2, 4: 6}[c], 0, 0, 0)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
-                           + chunk(b"IEND", b""))
-
-
-def write_rgb(path, rng, w, h):
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(path)
-
-
-def write_ids(path, ids, palette):
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    im = Image.fromarray(ids.astype(np.uint8))
-    if palette:
-        im.putpalette(GTA_PALETTE)  # 'L' -> 'P' as in the GTA download
-    im.save(path)
-
-
-def label_ids(rng, w, h):
-    """Blocky label ids: four vertical stripes of road, car, sky, an ignored id, plus random ids."""
-    ids = np.repeat(np.array([7, 26, 23, 0], np.uint8), w // 4)[None].repeat(h, 0)
-    ids[: h // 4] = rng.choice([7, 8, 11, 21, 24, 26, 33, 3], (h // 4, w))
-    return ids
-
-
 @pytest.fixture
 def gta_root(tmp_path):
     rng = np.random.default_rng(0)

@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 import mfm
 from mfm import Rebuilder, mfm_loss, weighted_cross_entropy

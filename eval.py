@@ -1,0 +1,139 @@
+"""Evaluate a segmentation checkpoint: per-class IoU and mIoU on a target split, as the paper reports them.
+
+METHOD.md §4 (evaluation): every val image resized to the training resolution (Cityscapes 1024x512), one
+forward pass (no sliding window, no flip), logits upsampled bilinearly to the full-resolution label, argmax,
+one confusion matrix over the whole split; IoU_c = TP / (TP + FP + FN); mIoU = mean over the classes that
+occur (in the labels or the predictions). SYNTHIA-trained models are also scored on the 16 and 13 class sets.
+
+    python eval.py --ckpt runs/demo/model.pt --target toy-night
+    python eval.py --ckpt runs/gta/model.pt --target cityscapes --data-root data --save-pred preds/
+
+`evaluate()` is the function train.py runs for its periodic evaluation.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+import data
+import models
+
+
+def confusion_matrix(label, pred, num_classes):
+    """label, pred (N,) int64 on one device -> (K, K) int64 counts, rows = ground truth, ignored pixels dropped."""
+    valid = label != data.IGNORE_INDEX
+    index = label[valid] * num_classes + pred[valid]
+    return torch.bincount(index, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def scores(confusion, subsets=None):
+    """(K, K) confusion -> {'iou': per-class list (nan = class absent everywhere), 'mIoU': %, 'mIoU16': ...}."""
+    conf = confusion.double()
+    tp = conf.diag()
+    union = conf.sum(0) + conf.sum(1) - tp
+    iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+    result = {"iou": [round(100 * v, 2) for v in iou.tolist()], "mIoU": round(100 * iou.nanmean().item(), 2)}
+    for name, classes in (subsets or {}).items():
+        result[name] = round(100 * iou[list(classes)].nanmean().item(), 2)
+    result["pixel_acc"] = round(100 * (tp.sum() / conf.sum().clamp(min=1)).item(), 2)
+    return result
+
+
+def save_prediction(pred, name, out_dir):
+    """Write a trainId prediction (H, W) as the official Cityscapes label-id PNG under the ground truth's
+    relative path and name, plus a colourised copy next to it (suffix _color.png)."""
+    path = Path(out_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pred = pred.cpu().numpy().astype(np.uint8)
+    label_ids = np.zeros(256, np.uint8)
+    for train_id, label_id in data.TRAINID_TO_LABELID.items():
+        label_ids[train_id] = label_id
+    Image.fromarray(label_ids[pred]).save(path)
+    Image.fromarray(data.colorize(pred)).save(path.with_name(path.stem + "_color.png"))
+
+
+@torch.no_grad()
+def evaluate(model, dataset, device="cpu", dtype=None, source=None, save_pred=None, num_workers=0, progress=True):
+    """Whole-image inference over `dataset` (train=False items: image, full-res label, name) -> scores dict.
+    dtype: autocast dtype (None: fp32); source: the training source ('synthia' adds mIoU16 and mIoU13)."""
+    was_training = model.training
+    model.eval()
+    num_classes = model.config["num_classes"]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=num_workers,
+                                         pin_memory=str(device).startswith("cuda"))
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    for image, label, name in tqdm(loader, desc=f"eval {dataset.name} {dataset.split}", disable=not progress,
+                                   leave=False):
+        image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)
+        with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None):
+            logits = model(image)
+        pred = models.upsample(logits.float(), label.shape[-2:]).argmax(1)
+        confusion += confusion_matrix(label.flatten(), pred.flatten(), num_classes)
+        if save_pred:
+            save_prediction(pred[0], name[0], save_pred)
+    model.train(was_training)
+    subsets = {"mIoU16": data.SYNTHIA_16, "mIoU13": data.SYNTHIA_13} if source == "synthia" else None
+    result = scores(confusion, subsets)
+    result.update(dataset=dataset.name, split=dataset.split, images=len(dataset))
+    return result
+
+
+def format_table(result):
+    """Per-class IoU table and the summary lines, as printed by eval.py and train.py."""
+    lines = [f"{'class':15s} {'IoU':>6s}"]
+    for name, iou in zip(data.CLASS_NAMES, result["iou"]):
+        lines.append(f"{name:15s} {'  n/a' if iou != iou else f'{iou:6.2f}'}")
+    summary = [f"{key} {result[key]:.2f}" for key in ("mIoU", "mIoU16", "mIoU13") if key in result]
+    lines.append(f"{result['dataset']} {result['split']} ({result['images']} images): " + ", ".join(summary))
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="model.pt (weights for inference) or ckpt.pt written by train.py")
+    p.add_argument("--target", default="cityscapes", help=f"dataset to score, one of {', '.join(data.DATASETS)}")
+    p.add_argument("--split", default="val", help="split of --target (default: val)")
+    p.add_argument("--data-root", default="data", help="folder holding gta/, cityscapes/, synthia/ (default: data)")
+    p.add_argument("--out", default=None, help="where metrics.json goes (default: the checkpoint's folder)")
+    p.add_argument("--save-pred", default=None, metavar="DIR",
+                   help="write official *_labelIds.png predictions (and *_color.png) under DIR")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                   help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--workers", type=int, default=4, help="DataLoader worker processes (default: 4)")
+    return p.parse_args(argv)
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise data.DatasetError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu.")
+    model, ckpt = models.model_from_checkpoint(args.ckpt, args.device)
+    dataset = data.build_dataset(args.target, args.data_root, args.split, train=False)
+    if model.config["num_classes"] != dataset.num_classes:
+        raise models.WeightsError(f"{args.ckpt} predicts {model.config['num_classes']} classes but {args.target} "
+                                  f"is labelled with {dataset.num_classes}; evaluate it on a dataset of its classes.")
+    dtype = DTYPES[args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
+    result = evaluate(model, dataset, args.device, dtype, ckpt.get("config", {}).get("source"), args.save_pred,
+                      args.workers)
+    result["ckpt"] = str(args.ckpt)
+    print(format_table(result))
+    out = Path(args.out) if args.out else Path(args.ckpt).parent
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    print(f"wrote {out / 'metrics.json'}" + (f" and predictions under {args.save_pred}" if args.save_pred else ""))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (data.DatasetError, models.WeightsError) as err:
+        sys.exit(f"error: {err}")

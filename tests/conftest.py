@@ -1,0 +1,72 @@
+"""Shared test helpers: writers of tiny datasets in the official file layouts and encodings (independent of
+data.py's readers), and the fake GTA + Cityscapes tree the end-to-end tests train on."""
+import struct
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's flat modules, however pytest is run
+import data
+
+GTA_PALETTE = np.array(data.PALETTE * 14, np.uint8)[:256].ravel().tolist()
+
+
+# ----------------------------------------------------------------------------- writers (independent of data.py)
+def write_png16(path, arr):
+    """Minimal PNG encoder: 16-bit, 1/3/4 channels, filter type 0 for every row."""
+    h, w, c = arr.shape
+    raw = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(tag, payload):
+        return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", zlib.crc32(tag + payload))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, {1: 0, 3: 2, 4: 6}[c], 0, 0, 0)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                           + chunk(b"IEND", b""))
+
+
+def write_rgb(path, rng, w, h):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(path)
+
+
+def write_ids(path, ids, palette):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    im = Image.fromarray(ids.astype(np.uint8))
+    if palette:
+        im.putpalette(GTA_PALETTE)  # 'L' -> 'P' as in the GTA download
+    im.save(path)
+
+
+def label_ids(rng, w, h):
+    """Blocky label ids: four vertical stripes of road, car, sky, an ignored id, plus random ids."""
+    ids = np.repeat(np.array([7, 26, 23, 0], np.uint8), w // 4)[None].repeat(h, 0)
+    ids[: h // 4] = rng.choice([7, 8, 11, 21, 24, 26, 33, 3], (h // 4, w))
+    return ids
+
+
+
+def make_gta_cityscapes(root, n_gta=3, n_train=2, n_val=2, size=(96, 48)):
+    """data/gta (n_gta pairs) and data/cityscapes train/val (two cities) at `size` (W, H) under root."""
+    rng = np.random.default_rng(0)
+    w, h = size
+    for i in range(1, n_gta + 1):
+        write_rgb(root / f"gta/images/{i:05d}.png", rng, w, h)
+        write_ids(root / f"gta/labels/{i:05d}.png", label_ids(rng, w, h), palette=True)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for i in range(n):
+            city = ("aachen", "bonn")[i % 2]
+            stem = f"{city}/{city}_{i:06d}_000019"
+            write_rgb(root / f"cityscapes/leftImg8bit/{split}/{stem}_leftImg8bit.png", rng, w, h)
+            write_ids(root / f"cityscapes/gtFine/{split}/{stem}_gtFine_labelIds.png", label_ids(rng, w, h), False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def fake_data(tmp_path_factory):
+    return make_gta_cityscapes(tmp_path_factory.mktemp("data"))

@@ -1,0 +1,160 @@
+"""train.py and eval.py end to end through the real command lines, on a tiny fake GTA + Cityscapes tree and on
+the toy pair; plus the algorithm's small pieces (EMA, schedule, pseudo-labels, mixing)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import models
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--backbone", "resnet18", "--pretrained", "none", "--crop-size", "64", "--batch-size", "2",
+        "--mfm-grid", "4", "--mfm-dim", "64", "--mfm-heads", "4"]
+
+
+def cli(script, *args, check=True):
+    out = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
+                         timeout=600, cwd=ROOT)
+    if check:
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("script, flags", [("train.py", ["--lambda-mfm", "--resume", "--no-mfm", "--mask-ratio"]),
+                                           ("eval.py", ["--ckpt", "--save-pred", "--target"])])
+def test_help(script, flags):
+    out = cli(script, "--help").stdout
+    assert all(flag in out for flag in flags)
+
+
+def test_gta_to_cityscapes_end_to_end(fake_data, tmp_path):
+    """A few iterations of DACS + MFM on official-layout trees, then eval.py with official predictions."""
+    run = tmp_path / "run"
+    cli("train.py", "--source", "gta", "--target", "cityscapes", "--data-root", fake_data, "--out", run,
+        "--iters", 4, "--eval-every", 0, "--vis-every", 2, "--log-every", 1, *TINY)
+    config = json.loads((run / "config.json").read_text())
+    assert config["config"]["mode"] == "dacs+mfm" and config["config"]["lambda_mfm"] == 1.0
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss_mfm" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert all(np.isfinite([r["loss_src"], r["loss_mix"], r["loss_mfm"]]).all() for r in steps)
+    assert any("eval" in r for r in records)  # the last iteration is always evaluated
+    assert sorted(p.name for p in (run / "vis").iterdir()) == ["step_000002.png", "step_000004.png"]
+
+    exported = torch.load(run / "model.pt", weights_only=True)
+    assert set(exported) == {"model", "model_config", "config", "step"}
+    assert not any("rebuild" in k or "embed" in k for k in exported["model"])
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    assert ckpt["rebuilder"] is not None and ckpt["teacher"] is not None and ckpt["step"] == 4
+
+    preds = tmp_path / "preds"
+    out = cli("eval.py", "--ckpt", run / "model.pt", "--target", "cityscapes", "--data-root", fake_data,
+              "--save-pred", preds, "--workers", 0).stdout
+    assert "mIoU" in out and "road" in out
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0 <= metrics["mIoU"] <= 100 and len(metrics["iou"]) == 19 and metrics["images"] == 2
+    gt = sorted((fake_data / "cityscapes/gtFine/val").rglob("*_labelIds.png"))
+    written = sorted(p for p in preds.rglob("*_labelIds.png"))
+    assert [p.relative_to(preds) for p in written] == [p.relative_to(fake_data / "cityscapes/gtFine/val") for p in gt]
+    pred = np.asarray(Image.open(written[0]))
+    assert pred.shape == np.asarray(Image.open(gt[0])).shape  # full label resolution
+    assert set(np.unique(pred)) <= set(data.TRAINID_TO_LABELID.values())
+    assert (preds / "aachen").glob("*_color.png")
+
+
+def test_eval_checkpoint_accepts_ckpt_and_scores_like_a_brute_force(fake_data, tmp_path):
+    run = tmp_path / "run"
+    cli("train.py", "--source", "gta", "--target", "cityscapes", "--data-root", fake_data, "--out", run,
+        "--iters", 1, "--source-only", *TINY)
+    cli("eval.py", "--ckpt", run / "ckpt.pt", "--target", "cityscapes", "--data-root", fake_data, "--out", tmp_path,
+        "--workers", 0)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    model, _ = models.model_from_checkpoint(run / "ckpt.pt")
+    val = data.build_dataset("cityscapes", fake_data, "val", train=False)
+    conf = np.zeros((19, 19), np.int64)
+    with torch.no_grad():
+        for image, label, _ in val:
+            pred = models.upsample(model(image[None]), label.shape)[0].argmax(0).numpy()
+            for t, p in zip(label.numpy().ravel(), pred.ravel()):
+                if t != 255:
+                    conf[t, p] += 1
+    iou = [conf[c, c] / (conf[c].sum() + conf[:, c].sum() - conf[c, c]) for c in range(19)
+           if conf[c].sum() + conf[:, c].sum() > 0]
+    assert metrics["mIoU"] == pytest.approx(100 * np.mean(iou), abs=0.01)
+
+
+def toy(out, *extra):
+    return cli("train.py", "--source", "toy-day", "--target", "toy-night", "--out", out, "--deterministic",
+               "--mfm-dim", 64, "--mfm-heads", 4, "--eval-every", 0, "--vis-every", 0, *extra)
+
+
+def test_resume_continues_bit_identically(tmp_path):
+    """Run 4 iterations straight; run 2, stop, resume to 4: the same weights, to the bit."""
+    toy(tmp_path / "a", "--iters", 4)
+    toy(tmp_path / "b", "--iters", 4, "--stop-at", 2)
+    assert torch.load(tmp_path / "b/ckpt.pt", weights_only=True)["step"] == 2
+    toy(tmp_path / "b", "--iters", 4, "--resume")
+    a, b = (torch.load(tmp_path / f"{r}/ckpt.pt", weights_only=True) for r in "ab")
+    for part in ("model", "teacher", "rebuilder"):
+        assert a[part].keys() == b[part].keys()
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    assert len(json.loads((tmp_path / "b/config.json").read_text())["argv"]) == 2
+
+
+def test_refuses_to_overwrite_a_run_and_names_changed_flags(tmp_path):
+    toy(tmp_path / "a", "--iters", 1, "--source-only")
+    again = cli("train.py", "--source", "toy-day", "--target", "toy-night", "--out", tmp_path / "a", "--iters", 1,
+                "--source-only", check=False)
+    assert again.returncode != 0 and "--resume" in again.stderr and "Traceback" not in again.stderr
+    other = cli("train.py", "--source", "toy-day", "--target", "toy-night", "--out", tmp_path / "a", "--iters", 1,
+                "--source-only", "--resume", "--lr", "0.5", check=False)
+    assert other.returncode != 0 and "--lr" in other.stderr and "Traceback" not in other.stderr
+
+
+# ----------------------------------------------------------------------------- the pieces
+def test_ema_alpha_zero_copies_the_student_then_averages():
+    torch.manual_seed(0)
+    student, teacher = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    train.ema_update(teacher, student, step=0, alpha=0.99)
+    assert all(torch.equal(t, s) for t, s in zip(teacher.parameters(), student.parameters()))
+    before = teacher.weight.clone()
+    with torch.no_grad():
+        student.weight.add_(1.0)
+    train.ema_update(teacher, student, step=1000, alpha=0.99)
+    assert torch.allclose(teacher.weight, 0.99 * before + 0.01 * student.weight)
+
+
+def test_lr_schedule_warmup_then_linear_decay():
+    args = train.parse_args(["--source", "gta", "--target", "cityscapes", "--device", "cpu"])
+    assert train.lr_factor(0, args) == pytest.approx(1e-6 * 1.0)
+    assert train.lr_factor(750, args) == pytest.approx(0.5 * (1 - 750 / 40000), rel=1e-4)
+    assert train.lr_factor(1500, args) == pytest.approx(1 - 1500 / 40000)
+    assert train.lr_factor(40000, args) == 0
+
+
+def test_pseudo_label_confidence_is_fraction_above_threshold():
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            logits = torch.zeros(1, 2, 2, 2)
+            logits[0, 0, 0, 0] = 10.0  # one confident pixel of four
+            return logits
+    label, q = train.pseudo_label(Fixed(), torch.zeros(1, 3, 2, 2), 0.968)
+    assert q.item() == pytest.approx(0.25)
+    assert label[0, 0, 0] == 0
+
+
+@pytest.mark.parametrize("argv, flag", [(["--iters", "0"], "--iters"), (["--batch-size", "0"], "--batch-size"),
+                                        (["--mask-ratio", "1.5"], "--mask-ratio"), (["--target", "toy-night"], "pair")])
+def test_flags_out_of_range(argv, flag):
+    base = {"--source": "gta", "--target": "cityscapes"}
+    extra = dict(zip(argv[::2], argv[1::2]))
+    base.update(extra)
+    with pytest.raises(train.ConfigError, match=flag):
+        train.parse_args([x for kv in base.items() for x in kv] + ["--device", "cpu"])

@@ -1,0 +1,447 @@
+"""DACS self-training with Masked Feature Modeling (arXiv 2509.13801) for domain-adaptive segmentation.
+
+One iteration (METHOD.md §3-4), each arrow a function below:
+    source CE -> teacher pseudo-labels + confidence q -> ClassMix + strong augmentation -> mixed CE
+    -> MFM: CE(D(R(E(x_t))), pseudo-labels) * q on the plain target crop -> AdamW step -> EMA teacher
+Each loss is backpropagated on its own, so peak memory is that of one branch, not of all three.
+
+    python train.py --source toy-day --target toy-night            # CPU demo, a few minutes
+    python train.py --source gta --target cityscapes                 # the paper's DACS + MFM (one GPU)
+    python train.py --source gta --target cityscapes --no-mfm        # the DACS baseline
+    python train.py --source gta --target cityscapes --source-only   # no adaptation
+
+The output folder gets config.json, log.jsonl, ckpt.pt (resume with --resume), model.pt (weights for
+inference: no teacher, no Rebuilder), model_best.pt, and vis/step_*.png pictures of what the method sees.
+"""
+import argparse
+import copy
+import itertools
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+import data
+import eval as evaluation
+import models
+from mfm import Rebuilder, mfm_loss, weighted_cross_entropy
+
+# Defaults that depend on the domain pair: the paper's recipe for the real datasets, a CPU-sized one for the toy.
+PAPER = dict(backbone="resnet101", pretrained="imagenet", crop_size=512, iters=40_000, warmup=1500, lr=6e-5,
+             lr_rebuilder=2e-4, mfm_grid=16, eval_every=4000, ckpt_every=1000, vis_every=1000, log_every=50)
+TOY = dict(backbone="resnet18", pretrained="none", crop_size=64, iters=600, warmup=50, lr=1e-3,
+           lr_rebuilder=1e-3, mfm_grid=4, eval_every=200, ckpt_every=100, vis_every=100, log_every=10)
+RESUMABLE = {"resume", "stop_at", "skip_nonfinite", "eval_every", "ckpt_every", "vis_every", "log_every",
+             "workers", "data_root", "device", "out"}  # may differ between a run and its --resume
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+class ConfigError(Exception):
+    """A flag combination or output folder that cannot work; the message says which and why."""
+
+
+class NonFiniteLoss(Exception):
+    """A loss became NaN or inf."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def preset(key):
+        return f"(default: {PAPER[key]}; toy pair: {TOY[key]})"
+    g = p.add_argument_group("data")
+    g.add_argument("--source", required=True, choices=["gta", "synthia", "toy-day"], help="labelled source domain")
+    g.add_argument("--target", required=True, choices=["cityscapes", "toy-night"], help="unlabelled target domain")
+    g.add_argument("--data-root", default="data", help="folder with gta/, synthia/, cityscapes/ (default: data)")
+    g.add_argument("--crop-size", type=int, help=f"square random crop after the recipe's resize {preset('crop_size')}")
+    g.add_argument("--batch-size", type=int, default=2, help="source images and target images per step (default: 2)")
+    g.add_argument("--workers", type=int, default=None, help="DataLoader processes (default: 4 on CUDA, 0 on CPU)")
+    g.add_argument("--rcs", action="store_true", help="rare class sampling of source images (DAFormer, T=0.01)")
+    g = p.add_argument_group("model and optimisation")
+    g.add_argument("--backbone", choices=models.BACKBONES, help=f"dilated ResNet {preset('backbone')}")
+    g.add_argument("--pretrained", help="imagenet | none | PATH (torchvision ResNet state dict or one of our "
+                   f"checkpoints) {preset('pretrained')}")
+    g.add_argument("--iters", type=int, help=f"training iterations; the LR reaches 0 here {preset('iters')}")
+    g.add_argument("--lr", type=float, help=f"AdamW LR of the backbone; the head gets 10x {preset('lr')}")
+    g.add_argument("--warmup", type=int, help=f"linear warm-up iterations, then lr*(1-t/iters) {preset('warmup')}")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: 0.01)")
+    g.add_argument("--ema", type=float, default=0.99, help="teacher EMA: alpha_t = min(1 - 1/(t+1), EMA) (0.99)")
+    g.add_argument("--pseudo-threshold", type=float, default=0.968,
+                   help="q = fraction of target pixels whose max teacher probability >= this (DACS: 0.968)")
+    g = p.add_argument_group("MFM (paper §3: L = L_src + L_mix + lambda * L_mfm)")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--no-mfm", action="store_true", help="DACS baseline: no MFM loss")
+    mode.add_argument("--source-only", action="store_true", help="no adaptation: source loss only")
+    g.add_argument("--lambda-mfm", type=float, default=1.0, help="lambda, weight of L_mfm (default: 1.0)")
+    g.add_argument("--mask-ratio", type=float, default=0.4, help="P(grid cell masked), in (0, 1) (default: 0.4)")
+    g.add_argument("--mfm-grid", type=int, help=f"mask grid g: g x g cells {preset('mfm_grid')}")
+    g.add_argument("--mfm-dim", type=int, default=512, help="Rebuilder width C' (default: 512)")
+    g.add_argument("--mfm-depth", type=int, default=2, help="Rebuilder transformer blocks (default: 2)")
+    g.add_argument("--mfm-heads", type=int, default=16, help="Rebuilder attention heads (default: 16)")
+    g.add_argument("--lr-rebuilder", type=float, help=f"Rebuilder AdamW LR, same schedule {preset('lr_rebuilder')}")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", help="output folder (default: runs/SOURCE-TARGET-MODE-sSEED)")
+    g.add_argument("--seed", type=int, default=0, help="seed of weights, data order, augmentation, masks")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    g.add_argument("--dtype", choices=DTYPES, help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--deterministic", action="store_true", help="deterministic kernels (bit-identical resume)")
+    g.add_argument("--resume", nargs="?", const="auto", metavar="CKPT",
+                   help="continue the run in --out from its ckpt.pt (or from CKPT)")
+    g.add_argument("--stop-at", type=int, help="stop (with a checkpoint) after this iteration; --resume later")
+    g.add_argument("--skip-nonfinite", action="store_true", help="skip a step whose loss is NaN/inf, do not stop")
+    for key, what in (("eval_every", "evaluate on the target val split"), ("ckpt_every", "write ckpt.pt"),
+                      ("vis_every", "save a picture to vis/"), ("log_every", "append to log.jsonl")):
+        g.add_argument("--" + key.replace("_", "-"), type=int, help=f"{what} every N iterations, 0 = never "
+                       f"{preset(key)}")
+    return resolve(p.parse_args(argv))
+
+
+def resolve(args):
+    """Fill the domain-dependent defaults and check ranges; raises ConfigError naming the flag."""
+    for key, value in (TOY if args.source.startswith("toy") else PAPER).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.source.startswith("toy") != args.target.startswith("toy"):
+        raise ConfigError(f"--source {args.source} and --target {args.target} do not share a label space setup: "
+                          "pair toy-day with toy-night, gta/synthia with cityscapes.")
+    args.aux = "none" if args.no_mfm or args.source_only else "mfm"
+    args.mode = "source-only" if args.source_only else ("dacs" if args.no_mfm else "dacs+mfm")
+    args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    args.workers = (4 if args.device.startswith("cuda") else 0) if args.workers is None else args.workers
+    args.out = args.out or f"runs/{args.source}-{args.target}-{args.mode.replace('+', '-')}-s{args.seed}"
+    checks = [("--iters", args.iters > 0, "> 0"), ("--batch-size", args.batch_size > 0, "> 0"),
+              ("--crop-size", args.crop_size >= 8, ">= 8"), ("--mask-ratio", 0 < args.mask_ratio < 1, "in (0, 1)"),
+              ("--lr", args.lr > 0, "> 0"), ("--warmup", args.warmup >= 0, ">= 0"),
+              ("--ema", 0 <= args.ema < 1, "in [0, 1)"), ("--workers", args.workers >= 0, ">= 0"),
+              ("--lambda-mfm", args.lambda_mfm >= 0, ">= 0"), ("--mfm-grid", args.mfm_grid > 0, "> 0"),
+              ("--stop-at", args.stop_at is None or args.stop_at > 0, "> 0")]
+    for flag, ok, expected in checks:
+        if not ok:
+            value = getattr(args, flag[2:].replace("-", "_"))
+            raise ConfigError(f"{flag} {value} is out of range: expected {expected}.")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu.")
+    return args
+
+
+# ----------------------------------------------------------------------------- the algorithm, step by step
+def source_loss(student, x_src, y_src):
+    """CE of the student on labelled source crops. x (B, 3, H, W), y (B, H, W) -> scalar."""
+    return weighted_cross_entropy(models.upsample(student(x_src), y_src.shape[-2:]), y_src)
+
+
+@torch.no_grad()
+def pseudo_label(teacher, x_tgt, threshold):
+    """Teacher argmax on the target crop and one confidence weight q for the batch (DAFormer).
+    The teacher runs in train mode, so BatchNorm uses batch statistics, as in DACS/DAFormer.
+    x (B, 3, H, W) -> labels (B, H, W) int64, q scalar tensor (fraction of pixels with max prob >= threshold)."""
+    prob = torch.softmax(models.upsample(teacher(x_tgt).float(), x_tgt.shape[-2:]), dim=1)
+    confidence, label = prob.max(dim=1)
+    return label, (confidence >= threshold).float().mean()
+
+
+def mix(x_src, y_src, x_tgt, label_tgt, q):
+    """ClassMix the source crops onto the target crops, then the strong augmentation of the mixed image.
+    -> x_mix (B, 3, H, W), y_mix (B, H, W), w_mix (B, H, W): 1 on pasted pixels, q elsewhere."""
+    x_mix, y_mix, w_mix = data.class_mix(x_src, y_src, x_tgt, label_tgt, q)
+    return data.strong_augment(x_mix), y_mix, w_mix
+
+
+def mix_loss(student, x_mix, y_mix, w_mix):
+    """Confidence-weighted CE of the student on the mixed image -> scalar."""
+    return weighted_cross_entropy(models.upsample(student(x_mix), y_mix.shape[-2:]), y_mix, w_mix)
+
+
+@torch.no_grad()
+def ema_update(teacher, student, step, alpha):
+    """teacher = a * teacher + (1 - a) * student over parameters (not BN buffers), a = min(1 - 1/(step+1), alpha):
+    at step 0 the teacher becomes a copy of the student."""
+    a = min(1 - 1 / (step + 1), alpha)
+    torch._foreach_lerp_(list(teacher.parameters()), list(student.parameters()), 1 - a)
+
+
+def lr_factor(step, args):
+    """mmcv's linear warm-up (from 1e-6 of the LR) times polynomial decay (power 1) to 0 at args.iters."""
+    poly = (1 - step / args.iters) ** 1.0
+    if step < args.warmup:
+        return poly * (1 - (1 - step / args.warmup) * (1 - 1e-6))
+    return poly
+
+
+def train_step(run, x_src, y_src, x_tgt, step, args):
+    """One iteration. Returns the losses as a dict of tensors and the intermediate maps for pictures."""
+    student, teacher, rebuilder, scaler = run["student"], run["teacher"], run["rebuilder"], run["scaler"]
+    autocast = torch.autocast(x_src.device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != "fp32")
+    for group in run["optimizer"].param_groups:
+        group["lr"] = group["base_lr"] * lr_factor(step, args)
+    run["optimizer"].zero_grad(set_to_none=True)
+    losses, seen = {}, {}
+    with autocast:
+        losses["loss_src"] = source_loss(student, x_src, y_src)
+    scaler.scale(losses["loss_src"]).backward()
+    if teacher is not None:
+        seen["pseudo_label"], q = pseudo_label(teacher, x_tgt, args.pseudo_threshold)
+        seen["x_mix"], seen["y_mix"], w_mix = mix(x_src, y_src, x_tgt, seen["pseudo_label"], q)
+        with autocast:
+            losses["loss_mix"] = mix_loss(student, seen["x_mix"], seen["y_mix"], w_mix)
+        scaler.scale(losses["loss_mix"]).backward()
+        losses["confidence"] = q
+    if rebuilder is not None:
+        with autocast:
+            feats = student.encode(x_tgt)  # the plain target crop: no mixing, no strong augmentation
+            losses["loss_mfm"], seen["mfm_mask"] = mfm_loss(student.decode, rebuilder, feats, seen["pseudo_label"],
+                                                            q, return_mask=True)
+        scaler.scale(args.lambda_mfm * losses["loss_mfm"]).backward()
+    values = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))  # one sync
+    bad = [k for k, v in values.items() if not math.isfinite(v)]
+    if bad:
+        run["optimizer"].zero_grad(set_to_none=True)
+        raise NonFiniteLoss(f"{', '.join(bad)} = {', '.join(str(values[k]) for k in bad)} at step {step}")
+    scaler.step(run["optimizer"])
+    scaler.update()
+    if teacher is not None:
+        ema_update(teacher, student, step, args.ema)
+    return values, seen
+
+
+# ----------------------------------------------------------------------------- set-up, checkpoints, pictures
+def set_seed(seed, deterministic=False):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def build_run(args, num_classes):
+    """Student, teacher (EMA copy, no Rebuilder), Rebuilder, optimizer with its LR groups, grad scaler."""
+    device = torch.device(args.device)
+    student = models.DeepLabV2(num_classes, args.backbone, pretrained=args.pretrained).to(device)
+    if device.type == "cuda":
+        student = student.to(memory_format=torch.channels_last)
+    groups = student.param_groups(args.lr)
+    teacher = rebuilder = None
+    if args.mode != "source-only":
+        teacher = copy.deepcopy(student).requires_grad_(False)
+    if args.aux == "mfm":
+        rebuilder = Rebuilder(student.feat_channels, args.mfm_dim, args.mfm_grid, args.mfm_depth, args.mfm_heads,
+                              mask_ratio=args.mask_ratio).to(device)
+        groups.append(dict(params=list(rebuilder.parameters()), lr=args.lr_rebuilder, name="rebuilder"))
+    for group in groups:
+        group["base_lr"] = group["lr"]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")
+    return dict(student=student, teacher=teacher, rebuilder=rebuilder, optimizer=optimizer, scaler=scaler)
+
+
+class CounterSampler(torch.utils.data.Sampler):
+    """Yields the global sample counter k = start, start+1, ...: training datasets map k to (image, crop, flip),
+    so the data order after --resume is the one the uninterrupted run would have seen."""
+
+    def __init__(self, start):
+        self.start = start
+
+    def __iter__(self):
+        return itertools.count(self.start)
+
+
+def infinite_loader(dataset, args, step):
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, sampler=CounterSampler(step * args.batch_size),
+        num_workers=args.workers, pin_memory=args.device.startswith("cuda"), drop_last=True,
+        persistent_workers=args.workers > 0, generator=torch.Generator().manual_seed(args.seed))
+    return iter(loader)  # its own generator: creating it draws nothing from the global RNG
+
+
+def export(run, args, done):
+    """What inference needs: the student's weights and how to build it. No teacher, no Rebuilder.
+    done = iterations completed."""
+    return dict(model=run["student"].state_dict(), model_config=run["student"].config, config=vars(args), step=done)
+
+
+def atomic_save(obj, path):
+    """torch.save to a temp file, then rename: a crash mid-write never leaves a half-written `path`. The file
+    it replaces is kept as *.prev.pt. A full disk or unwritable folder raises ConfigError; nothing is lost."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(obj, tmp)
+        if path.exists():
+            os.replace(path, path.with_name(path.stem + ".prev.pt"))
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"could not write {path}: {err}. The previous checkpoint, if any, is intact; free disk "
+                          "space or choose another --out, then --resume.") from err
+
+
+def save_checkpoint(run, args, done, best):
+    for name in ("student", "teacher", "rebuilder"):  # never write a NaN model over a good one
+        module = run[name]
+        if module is not None and not all(torch.isfinite(p).all() for p in module.parameters()):
+            raise NonFiniteLoss(f"the {name} weights hold NaN/inf after {done} iterations; not saving them")
+    state = export(run, args, done)
+    state.update({name: run[name].state_dict() if run[name] is not None else None
+                  for name in ("teacher", "rebuilder")})
+    state.update(optimizer=run["optimizer"].state_dict(), scaler=run["scaler"].state_dict(), best=best,
+                 rng=dict(torch=torch.get_rng_state(), python=random.getstate(),
+                          cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
+    atomic_save(state, Path(args.out) / "ckpt.pt")
+    atomic_save(export(run, args, done), Path(args.out) / "model.pt")
+
+
+def load_checkpoint(run, args):
+    """Restore everything of a --resume; returns (iterations done, best). Refuses a checkpoint of another config."""
+    path = Path(args.out) / "ckpt.pt" if args.resume == "auto" else Path(args.resume)
+    try:
+        ckpt = models.load_checkpoint(path)
+    except models.WeightsError as err:
+        prev = path.with_name(path.stem + ".prev.pt")
+        hint = f" The checkpoint before it is {prev}: --resume {prev}" if prev.exists() else ""
+        raise ConfigError(f"cannot resume: {err}{hint}") from err
+    saved, now = ckpt["config"], vars(args)
+    differ = [f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, now {now[k]!r}"
+              for k in now if k not in RESUMABLE and saved.get(k) != now[k]]
+    if differ:
+        raise ConfigError(f"{path} was written by a run with other settings; resume with the same flags or "
+                          "start a new --out. Differences:\n  " + "\n  ".join(differ))
+    run["student"].load_state_dict(ckpt["model"])
+    for name in ("teacher", "rebuilder", "optimizer", "scaler"):
+        if run[name] is not None:
+            run[name].load_state_dict(ckpt[name])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    random.setstate(ckpt["rng"]["python"])
+    if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    return ckpt["step"], ckpt["best"]
+
+
+def save_picture(path, x_src, y_src, x_tgt, seen, pred):
+    """One PNG, one row per image (at most 2): source | source label | target | pseudo-label | mixed image |
+    MFM mask over the target (masked cells darkened) | student prediction on the target."""
+    def rgb(x):
+        return (x.detach().float().clamp(0, 1) * 255).byte().permute(1, 2, 0).cpu().numpy()
+    rows = []
+    for i in range(min(2, len(x_src))):
+        panels = [rgb(x_src[i]), data.colorize(y_src[i].cpu()), rgb(x_tgt[i])]
+        if "pseudo_label" in seen:
+            panels += [data.colorize(seen["pseudo_label"][i].cpu()), rgb(seen["x_mix"][i])]
+        if "mfm_mask" in seen:
+            mask = models.upsample(seen["mfm_mask"][i:i + 1].float(), x_tgt.shape[-2:])[0]
+            panels.append(rgb(x_tgt[i] * (1 - 0.7 * mask)))
+        panels.append(data.colorize(pred[i].cpu()))
+        rows.append(np.concatenate(panels, axis=1))
+    picture = Image.fromarray(np.concatenate(rows, axis=0))
+    scale = max(1, 256 // picture.height)  # toy crops are tiny: enlarge so that people can see them
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST).save(path)
+
+
+def log(out, record):
+    with open(Path(out) / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# ----------------------------------------------------------------------------- main loop
+def train(args):
+    out = Path(args.out)
+    if not args.resume and ((out / "ckpt.pt").exists() or (out / "config.json").exists()):
+        raise ConfigError(f"--out {out} already holds a run (config.json / ckpt.pt). Continue it with --resume, "
+                          "or choose another --out; nothing was overwritten.")
+    set_seed(args.seed, args.deterministic)
+    src = data.build_dataset(args.source, args.data_root, "train", crop_size=args.crop_size, seed=args.seed,
+                             rcs=args.rcs, rcs_cache=out / "rcs_stats.json")
+    tgt = data.build_dataset(args.target, args.data_root, "train", crop_size=args.crop_size, seed=args.seed + 1)
+    val = data.build_dataset(args.target, args.data_root, "val", train=False)
+    run = build_run(args, src.num_classes)
+    start, best = load_checkpoint(run, args) if args.resume else (0, None)
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = out / "config.json"
+    history = json.loads(config_path.read_text())["argv"] if config_path.exists() else []
+    config_path.write_text(json.dumps(dict(config=vars(args), argv=history + [sys.argv]), indent=2))
+
+    stop_signal = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop_signal.append(signal.Signals(signum).name))
+    device = torch.device(args.device)
+    channels_last = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    src_iter, tgt_iter = infinite_loader(src, args, start), infinite_loader(tgt, args, start)
+    stop = min(args.iters, args.stop_at or args.iters)
+    bar = tqdm(range(start, stop), initial=start, total=stop, desc=f"{args.source}->{args.target} {args.mode}")
+    tick, result, step = time.time(), None, start - 1
+    for step in bar:
+        x_src, y_src = (t.to(device, non_blocking=True) for t in next(src_iter))
+        x_tgt, _ = next(tgt_iter)  # target labels are never used for training
+        x_src = x_src.contiguous(memory_format=channels_last)
+        x_tgt = x_tgt.to(device, non_blocking=True).contiguous(memory_format=channels_last)
+        try:
+            values, seen = train_step(run, x_src, y_src, x_tgt, step, args)
+        except NonFiniteLoss as err:
+            if not args.skip_nonfinite:
+                raise
+            log(out, dict(step=step, skipped=str(err)))
+            continue
+        bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in values.items()})
+        done = step + 1
+        if args.log_every and done % args.log_every == 0:
+            log(out, dict(step=done, lr=run["optimizer"].param_groups[0]["lr"],
+                          sec_per_iter=(time.time() - tick) / args.log_every, **values))
+            tick = time.time()
+        if args.vis_every and done % args.vis_every == 0:
+            with torch.no_grad():  # eval mode: the picture must not move BatchNorm statistics
+                pred = models.upsample(run["student"].eval()(x_tgt), x_tgt.shape[-2:]).argmax(1)
+            run["student"].train()
+            save_picture(out / "vis" / f"step_{done:06d}.png", x_src, y_src, x_tgt, seen, pred)
+        if (args.eval_every and done % args.eval_every == 0) or done == args.iters:
+            result = evaluation.evaluate(run["student"], val, args.device, DTYPES[args.dtype], args.source)
+            log(out, dict(step=done, eval=result))
+            bar.write(f"step {done}: {val.name} {val.split} mIoU {result['mIoU']:.2f}")
+            if best is None or result["mIoU"] > best["mIoU"]:
+                best = dict(step=done, mIoU=result["mIoU"])
+                atomic_save(export(run, args, done), out / "model_best.pt")
+        if (args.ckpt_every and done % args.ckpt_every == 0) or done == stop or stop_signal:
+            save_checkpoint(run, args, done, best)
+        if stop_signal:
+            bar.close()
+            resume = " ".join(a for a in sys.argv if a != "--resume")
+            print(f"\n{stop_signal[0]} received: stopped after step {done}, checkpoint {out / 'ckpt.pt'}.\n"
+                  f"Continue with: python {resume} --resume", file=sys.stderr)
+            sys.exit(128 + getattr(signal, stop_signal[0]))
+    bar.close()
+    if step + 1 < args.iters:
+        print(f"stopped at step {step + 1} of {args.iters} (--stop-at); continue with --resume.")
+    elif result is not None:
+        print(evaluation.format_table(result))
+        print(f"done: {args.mode} {args.source}->{args.target}, {args.iters} iterations; {val.name} {val.split} "
+              f"mIoU {result['mIoU']:.2f} (best {best['mIoU']:.2f} at step {best['step']}). "
+              f"Weights for inference: {out / 'model.pt'}")
+    return result
+
+
+def main(argv=None):
+    try:
+        args = parse_args(argv)
+        return train(args)
+    except (ConfigError, data.DatasetError, models.WeightsError) as err:
+        sys.exit(f"error: {err}")
+    except NonFiniteLoss as err:
+        sys.exit(f"error: non-finite loss: {err}. Stopped; the last good checkpoint is untouched. Lower --lr, "
+                 "use --dtype fp32, or pass --skip-nonfinite to skip such steps.")
+    except torch.cuda.OutOfMemoryError as err:
+        sys.exit(f"error: the GPU ran out of memory ({str(err).splitlines()[0]}). Try a smaller --crop-size or "
+                 "--batch-size, or --dtype bf16.")
+
+
+if __name__ == "__main__":
+    main()
