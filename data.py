@@ -45,6 +45,7 @@ CITYSCAPES_LUT = np.full(256, IGNORE_INDEX, np.uint8)  # label id -> trainId, ui
 CITYSCAPES_LUT[list(CITYSCAPES_ID_TO_TRAINID)] = list(CITYSCAPES_ID_TO_TRAINID.values())
 SYNTHIA_LUT = np.full(65536, IGNORE_INDEX, np.uint8)  # SYNTHIA ids are 16-bit
 SYNTHIA_LUT[list(SYNTHIA_ID_TO_TRAINID)] = list(SYNTHIA_ID_TO_TRAINID.values())
+MAX_LABEL_ID = 33  # the largest id of the official Cityscapes table (bicycle); GTA uses the same ids
 DATASETS = ("gta", "synthia", "cityscapes", "toy-day", "toy-night")
 SOURCE_DATASETS = ("gta", "synthia", "toy-day")  # labelled source domains: crops retried (cat_max_ratio)
 # (W, H) before cropping, METHOD.md §4. GTA: 1280x720 as in DACS (DAFormer keeps the aspect: 1280x704).
@@ -96,13 +97,19 @@ def _read_label_ids(path, name):
             raise DatasetError("SYNTHIA labels are 16-bit multi-channel PNGs that Pillow cannot read; install "
                                "OpenCV for them: pip install opencv-python-headless") from err
         ids = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if ids is not None:
-            return ids[..., 2] if ids.ndim == 3 else ids  # OpenCV gives BGR(A): 2 = the PNG's first channel
-        raise DatasetError(f"cannot read SYNTHIA label {path}. Re-download or remove the file.")
+        if ids is None:
+            raise DatasetError(f"cannot read SYNTHIA label {path}. Re-download or remove the file.")
+        if ids.dtype != np.uint16:
+            raise DatasetError(f"SYNTHIA label {path} is {ids.dtype.itemsize * 8}-bit; expected the 16-bit "
+                               "multi-channel PNG of the SYNTHIA-RAND-CITYSCAPES download (GT/LABELS).")
+        return ids[..., 2] if ids.ndim == 3 else ids  # OpenCV gives BGR(A): 2 = the PNG's first channel
     mode, ids = _read_png(path, "label")
     if mode not in ("P", "L"):  # an RGB colour-coded label would silently give garbage ids
         raise DatasetError(f"label {path} has mode {mode}; expected label ids as a palette (P) or grayscale (L) "
                            f"PNG, as in the official {name} download.")
+    if ids.max(initial=0) > MAX_LABEL_ID:  # e.g. a trainId or instanceIds file given in place of labelIds
+        raise DatasetError(f"label {path} holds id {ids.max()}, outside the Cityscapes label ids 0-{MAX_LABEL_ID}; "
+                           f"expected the official {name} label-id PNG (not trainIds, colours or instance ids).")
     return ids
 
 

@@ -14,6 +14,7 @@ The output folder gets config.json, log.jsonl, ckpt.pt (resume with --resume), m
 inference: no teacher, no Rebuilder), model_best.pt, and vis/step_*.png pictures of what the method sees.
 """
 import argparse
+import contextlib
 import copy
 import itertools
 import json
@@ -348,6 +349,20 @@ def save_picture(path, x_src, y_src, x_tgt, seen, pred):
     picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST).save(path)
 
 
+@contextlib.contextmanager
+def signals_to_flag():
+    """While inside, SIGINT/SIGTERM append their name to the yielded list instead of killing the process: the
+    loop finishes its step, writes a checkpoint and exits. The previous handlers come back afterwards."""
+    flag = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: flag.append(signal.Signals(signum).name))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def log(out, record):
     with open(Path(out) / "log.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -366,58 +381,59 @@ def train(args):
     val = data.build_dataset(args.target, args.data_root, "val", train=False)
     run = build_run(args, src.num_classes)
     start, best = load_checkpoint(run, args) if args.resume else (0, None)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create the output folder --out {out}: {err}") from err
     config_path = out / "config.json"
     history = json.loads(config_path.read_text())["argv"] if config_path.exists() else []
     config_path.write_text(json.dumps(dict(config=vars(args), argv=history + [sys.argv]), indent=2))
 
-    stop_signal = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop_signal.append(signal.Signals(signum).name))
     device = torch.device(args.device)
     channels_last = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     src_iter, tgt_iter = infinite_loader(src, args, start), infinite_loader(tgt, args, start)
     stop = min(args.iters, args.stop_at or args.iters)
     bar = tqdm(range(start, stop), initial=start, total=stop, desc=f"{args.source}->{args.target} {args.mode}")
     tick, result, step = time.time(), None, start - 1
-    for step in bar:
-        x_src, y_src = (t.to(device, non_blocking=True) for t in next(src_iter))
-        x_tgt, _ = next(tgt_iter)  # target labels are never used for training
-        x_src = x_src.contiguous(memory_format=channels_last)
-        x_tgt = x_tgt.to(device, non_blocking=True).contiguous(memory_format=channels_last)
-        try:
-            values, seen = train_step(run, x_src, y_src, x_tgt, step, args)
-        except NonFiniteLoss as err:
-            if not args.skip_nonfinite:
-                raise
-            log(out, dict(step=step, skipped=str(err)))
-            continue
-        bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in values.items()})
-        done = step + 1
-        if args.log_every and done % args.log_every == 0:
-            log(out, dict(step=done, lr=run["optimizer"].param_groups[0]["lr"],
-                          sec_per_iter=(time.time() - tick) / args.log_every, **values))
-            tick = time.time()
-        if args.vis_every and done % args.vis_every == 0:
-            with torch.no_grad():  # eval mode: the picture must not move BatchNorm statistics
-                pred = models.upsample(run["student"].eval()(x_tgt), x_tgt.shape[-2:]).argmax(1)
-            run["student"].train()
-            save_picture(out / "vis" / f"step_{done:06d}.png", x_src, y_src, x_tgt, seen, pred)
-        if (args.eval_every and done % args.eval_every == 0) or done == args.iters:
-            result = evaluation.evaluate(run["student"], val, args.device, DTYPES[args.dtype], args.source)
-            log(out, dict(step=done, eval=result))
-            bar.write(f"step {done}: {val.name} {val.split} mIoU {result['mIoU']:.2f}")
-            if best is None or result["mIoU"] > best["mIoU"]:
-                best = dict(step=done, mIoU=result["mIoU"])
-                atomic_save(export(run, args, done), out / "model_best.pt")
-        if (args.ckpt_every and done % args.ckpt_every == 0) or done == stop or stop_signal:
-            save_checkpoint(run, args, done, best)
-        if stop_signal:
-            bar.close()
-            resume = " ".join(a for a in sys.argv if a != "--resume")
-            print(f"\n{stop_signal[0]} received: stopped after step {done}, checkpoint {out / 'ckpt.pt'}.\n"
-                  f"Continue with: python {resume} --resume", file=sys.stderr)
-            sys.exit(128 + getattr(signal, stop_signal[0]))
+    with signals_to_flag() as stop_signal:
+        for step in bar:
+            x_src, y_src = (t.to(device, non_blocking=True) for t in next(src_iter))
+            x_tgt, _ = next(tgt_iter)  # target labels are never used for training
+            x_src = x_src.contiguous(memory_format=channels_last)
+            x_tgt = x_tgt.to(device, non_blocking=True).contiguous(memory_format=channels_last)
+            done = step + 1
+            try:
+                values, seen = train_step(run, x_src, y_src, x_tgt, step, args)
+                bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in values.items()})
+            except NonFiniteLoss as err:
+                if not args.skip_nonfinite:
+                    raise
+                log(out, dict(step=done, skipped=str(err)))
+                values = None
+            if values and args.log_every and done % args.log_every == 0:
+                log(out, dict(step=done, lr=run["optimizer"].param_groups[0]["lr"],
+                              sec_per_iter=(time.time() - tick) / args.log_every, **values))
+                tick = time.time()
+            if values and args.vis_every and done % args.vis_every == 0:
+                with torch.no_grad():  # eval mode: the picture must not move BatchNorm statistics
+                    pred = models.upsample(run["student"].eval()(x_tgt), x_tgt.shape[-2:]).argmax(1)
+                run["student"].train()
+                save_picture(out / "vis" / f"step_{done:06d}.png", x_src, y_src, x_tgt, seen, pred)
+            if args.eval_every and (done % args.eval_every == 0 or done == args.iters):
+                result = evaluation.evaluate(run["student"], val, args.device, DTYPES[args.dtype], args.source)
+                log(out, dict(step=done, eval=result))
+                bar.write(f"step {done}: {val.name} {val.split} mIoU {result['mIoU']:.2f}")
+                if best is None or result["mIoU"] > best["mIoU"]:
+                    best = dict(step=done, mIoU=result["mIoU"])
+                    atomic_save(export(run, args, done), out / "model_best.pt")
+            if (args.ckpt_every and done % args.ckpt_every == 0) or done == stop or stop_signal:
+                save_checkpoint(run, args, done, best)
+            if stop_signal:
+                bar.close()
+                resume = " ".join(a for a in sys.argv if a != "--resume")
+                print(f"\n{stop_signal[0]} received: stopped after step {done}, checkpoint {out / 'ckpt.pt'}.\n"
+                      f"Continue with: python {resume} --resume", file=sys.stderr)
+                sys.exit(128 + getattr(signal, stop_signal[0]))
     bar.close()
     if step + 1 < args.iters:
         print(f"stopped at step {step + 1} of {args.iters} (--stop-at); continue with --resume.")

@@ -1,0 +1,217 @@
+"""The comparison auxiliaries (MIC, class-wise masked image modeling) and the DAFormer extras (METHOD.md §4, §6).
+
+Every auxiliary uses the pseudo-labels `pl` (B, H, W) and confidence weight `w` (scalar q or (B, H, W)) of the
+training loop, returns one unweighted loss term, and is scaled by its λ in the caller, as mfm.mfm_loss:
+
+    mic_loss(student, x_tgt, pl, w, block=32, ratio=0.7, augment=data.strong_augment, return_mask=False)
+        -> loss, or (loss, keep (B, 1, H, W), 1 = visible pixel)
+    cmim_loss(student, head, x_tgt, pl, w, patch=16, ratio=0.5, lambda_agg=0.1, max_classes=3,
+              return_parts=False)            -> loss, or (loss, dict of per-(image, class) terms)
+    ClassWiseReconstructor(in_channels, stride=8, hidden=256)    the light pixel head cmim_loss trains
+    feature_distance_loss(feats_src, feats_imagenet, y_src, thing_classes=THING_CLASSES, ratio=0.75)
+        -> mean L2 distance over feature cells dominated (>= ratio) by a thing class; λ = LAMBDA_FD
+    pseudo_label_crop(w, pl, top=15, bottom=120, reference=512)  -> per-pixel weight (B, H, W)
+    random_block_mask(batch, height, width, block, ratio, device) -> keep (B, 1, H, W), 1 = visible
+    AUX: how train.py sets each auxiliary up (module to build, optimizer group, call).
+
+MIC (Hoyer et al. 2023): the student sees the colour-augmented target crop with 70% of its 32-px blocks
+masked and must still predict the teacher's pseudo-labels of the unmasked crop. Masked pixels take the
+ImageNet mean colour: MIC multiplies the *normalised* image by the mask, i.e. masked pixels are 0 after
+normalisation, which is the mean colour in our [0, 1] inputs (models.DeepLabV2 normalises inside encode).
+
+CMIM, our reading of S4MIM (arXiv 2411.08756; only the abstract is known). What the abstract says: masked
+regions are reconstructed per class from visible pixels of the same class only, and a feature-aggregation
+loss pulls masked and visible features of one class together. Everything else is our interpretation:
+  - classes come from the teacher's pseudo-labels (the paper is semi-supervised; we have no target labels);
+  - the mask is random_block_mask with 16-px patches, ratio 0.5; for each (image, class) pair the input is
+    the image with only the visible pixels of that class kept, the rest filled like MIC; the pairs are
+    stacked along the batch (one encoder pass), at most `max_classes` random classes per image (cost);
+  - the reconstruction target is the RGB image in [0, 1]; loss L1 (SimMIM), averaged over the masked pixels
+    of the class, times the confidence weight; pairs are averaged;
+  - the head is a 1x1 conv -> GELU -> 1x1 conv to 3*s*s channels -> pixel shuffle (SimMIM-like), s = the
+    encoder's output stride;
+  - feature aggregation: in the class-c pass, the encoder feature pooled over c's masked pixels is pulled
+    toward the one pooled over c's visible pixels (1 - cosine; the visible prototype is detached, so the
+    masked part moves toward the visible one), weighted λ_agg = 0.1 and by the class's mean confidence;
+  - "masked modeling in semantic space" (the abstract's third part) is not implemented here: MIC's masked
+    CE and MFM itself are the semantic-space variants this project compares.
+  Independence of classes holds exactly when the encoder treats samples separately (eval-mode BatchNorm or
+  no BatchNorm); in train mode the stacked class images share batch statistics, as any batch does, and
+  they move the BatchNorm running statistics the evaluated student uses (so do MIC's masked images).
+
+DAFormer extras. Feature distance: the frozen ImageNet copy is made once, before training, from the
+pretrained student: `imagenet = copy.deepcopy(student).eval().requires_grad_(False)` (rebuilt from
+--pretrained on resume, never EMA-updated); its features `imagenet.encode(x_src)` under no_grad. Pseudo-label
+crop: DAFormer zeroes rows 0-14 and the last 120 rows of 512 crops (rectification border, ego-car hood).
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import data
+import models
+from mfm import IGNORE_INDEX, weighted_cross_entropy
+
+MIC_BLOCK, MIC_RATIO = 32, 0.7  # MIC at the 512-crop / half-resolution setting (64 px at full resolution)
+CMIM_PATCH, CMIM_RATIO = 16, 0.5  # choice (S4MIM's values are unknown)
+CMIM_LAMBDA_AGG, CMIM_MAX_CLASSES = 0.1, 3  # choice
+LAMBDA_FD = 0.005  # DAFormer ImageNet feature distance weight
+FD_RATIO = 0.75  # a cell counts if one class covers >= 75% of it (DAFormer)
+THING_CLASSES = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)  # trainIds: lights, signs, person ... bicycle (DAFormer)
+CROP_TOP, CROP_BOTTOM, CROP_REFERENCE = 15, 120, 512  # DAFormer pseudo-label crop, rows at a 512 crop
+MASK_FILL = models.IMAGENET_MEAN  # 0 after normalisation, as MIC's multiplication of the normalised image
+
+
+def random_block_mask(batch, height, width, block, ratio, device=None):
+    """keep (B, 1, H, W): 1 = visible. Blocks of block x block pixels from the top-left corner (the last row and
+    column of blocks are cut at the border), each masked independently with probability `ratio`."""
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"mask ratio must lie in [0, 1], got {ratio}")
+    rows, cols = -(-height // block), -(-width // block)
+    keep = (torch.rand(batch, 1, rows, cols, device=device) >= ratio).float()
+    return keep.repeat_interleave(block, 2).repeat_interleave(block, 3)[..., :height, :width]
+
+
+def mask_image(x, keep):
+    """x (B, 3, H, W) in [0, 1], keep (B, 1, H, W) -> x where keep is 1, MASK_FILL elsewhere."""
+    fill = torch.tensor(MASK_FILL, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    keep = keep.to(x.dtype)
+    return x * keep + fill * (1 - keep)
+
+
+def _zero_like_graph(*modules):
+    """A zero loss connected to the modules' parameters, so that .backward() works when nothing qualifies."""
+    return 0.0 * sum(p.sum() for m in modules for p in m.parameters())
+
+
+# ----------------------------------------------------------------------------- MIC (METHOD.md §6)
+def mic_loss(student, x_tgt, pseudo_label, weight=1.0, block=MIC_BLOCK, ratio=MIC_RATIO,
+             augment=data.strong_augment, return_mask=False):
+    """L_mic = CE(student(mask(augment(x_t))) upsampled, teacher's pseudo-label of the unmasked x_t) * weight.
+
+    student: callable images -> logits (B, K, h, w); x_tgt (B, 3, H, W) in [0, 1], the plain target crop;
+    pseudo_label (B, H, W) int64; weight scalar or (B, H, W); augment: colour jitter + blur as DACS (None =
+    off). Returns the loss, or (loss, keep (B, 1, H, W), 1 = visible) with return_mask=True."""
+    x = augment(x_tgt) if augment is not None else x_tgt
+    keep = random_block_mask(x.shape[0], x.shape[2], x.shape[3], block, ratio, x.device)
+    logits = models.upsample(student(mask_image(x, keep)), pseudo_label.shape[-2:])
+    loss = weighted_cross_entropy(logits, pseudo_label, weight)
+    return (loss, keep) if return_mask else loss
+
+
+# ----------------------------------------------------------------------------- CMIM after S4MIM (METHOD.md §6)
+class ClassWiseReconstructor(nn.Module):
+    """Light pixel head: features (N, C, h, w) -> RGB (N, 3, H, W). 1x1 conv -> GELU -> 1x1 conv to 3*s*s
+    channels -> pixel shuffle by s (the encoder's output stride), resized to (H, W) if h*s differs."""
+
+    def __init__(self, in_channels, stride=8, hidden=256):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(in_channels, hidden, 1), nn.GELU(),
+                                 nn.Conv2d(hidden, 3 * stride * stride, 1), nn.PixelShuffle(stride))
+
+    def forward(self, feats, size):
+        return models.upsample(self.net(feats), size)
+
+
+def _masked_mean(values, valid):
+    """Mean of values (N,) over valid (N,) entries; 0 (with graph) when none is valid. No host sync."""
+    valid = valid.float()
+    return (values * valid).sum() / valid.sum().clamp(min=1)
+
+
+def _prototype(feats, area):
+    """feats (N, C, h, w), area (N, 1, h, w) fractions -> area-weighted mean feature (N, C)."""
+    return (feats * area).flatten(2).sum(2) / area.flatten(2).sum(2).clamp(min=1e-6)
+
+
+def cmim_loss(student, head, x_tgt, pseudo_label, weight=1.0, patch=CMIM_PATCH, ratio=CMIM_RATIO,
+              lambda_agg=CMIM_LAMBDA_AGG, max_classes=CMIM_MAX_CLASSES, return_parts=False):
+    """L_cmim = mean over (image, class) pairs of [L1 of head(E(x_c)) on c's masked pixels, weighted]
+    + lambda_agg * mean over pairs of [1 - cos(masked prototype of c, visible prototype of c)].
+
+    student: has encode(images) -> feats (N, C, h, w) (a list: the last level is used); head: a
+    ClassWiseReconstructor; x_tgt (B, 3, H, W) in [0, 1]; pseudo_label (B, H, W) int64 (IGNORE_INDEX pixels
+    belong to no class); weight scalar or (B, H, W); max_classes: classes per image (random subset; None = all).
+    Returns the loss, or (loss, parts) with return_parts=True: parts["recon"], parts["agg"] (N,) per pair,
+    parts["sample"], parts["cls"] (N,) which image and class each pair is, parts["keep"] (B, 1, H, W)."""
+    B, _, H, W = x_tgt.shape
+    keep = random_block_mask(B, H, W, patch, ratio, x_tgt.device)
+    pairs = []
+    for b in range(B):  # the classes differ per image: a loop over the batch, as data.class_mix
+        classes = torch.unique(pseudo_label[b])
+        classes = classes[classes != IGNORE_INDEX].cpu()
+        if max_classes is not None:
+            classes = classes[torch.randperm(len(classes))[:max_classes]]
+        pairs += [(b, int(c)) for c in classes]
+    if not pairs:
+        loss = _zero_like_graph(student, head)
+        empty = torch.zeros(0, device=x_tgt.device)
+        return (loss, dict(recon=empty, agg=empty, sample=empty.long(), cls=empty.long(), keep=keep)) \
+            if return_parts else loss
+    sample = torch.tensor([b for b, _ in pairs], device=x_tgt.device)
+    cls = torch.tensor([c for _, c in pairs], device=x_tgt.device)
+    region = (pseudo_label[sample] == cls.view(-1, 1, 1)).unsqueeze(1).float()  # (N, 1, H, W) pixels of c
+    visible, masked = region * keep[sample], region * (1 - keep[sample])
+    w = torch.as_tensor(weight, device=x_tgt.device).float().expand(B, H, W)[sample].unsqueeze(1)
+
+    feats = student.encode(mask_image(x_tgt[sample], visible))  # (N, C, h, w): class c's visible pixels only
+    feats = feats[-1] if isinstance(feats, (list, tuple)) else feats
+    error = (head(feats, (H, W)).float() - x_tgt[sample].float()).abs().mean(1, keepdim=True)  # (N, 1, H, W)
+    count = masked.flatten(1).sum(1)
+    recon = (error * masked * w).flatten(1).sum(1) / count.clamp(min=1)
+
+    size = feats.shape[-2:]
+    area_vis, area_mask = F.adaptive_avg_pool2d(visible, size), F.adaptive_avg_pool2d(masked, size)
+    feats = feats.float()
+    proto_mask, proto_vis = _prototype(feats, area_mask), _prototype(feats, area_vis).detach()
+    confidence = (w * region).flatten(1).sum(1) / region.flatten(1).sum(1).clamp(min=1)
+    agg = (1 - F.cosine_similarity(proto_mask, proto_vis, dim=1)) * confidence
+    has_both = (area_mask.flatten(1).sum(1) > 0) & (area_vis.flatten(1).sum(1) > 0)
+
+    loss = _masked_mean(recon, count > 0) + lambda_agg * _masked_mean(agg, has_both)
+    if return_parts:
+        return loss, dict(recon=recon, agg=agg * has_both, sample=sample, cls=cls, keep=keep)
+    return loss
+
+
+# ----------------------------------------------------------------------------- DAFormer extras (METHOD.md §4)
+def feature_distance_loss(student_feats, imagenet_feats, label, thing_classes=THING_CLASSES, ratio=FD_RATIO):
+    """DAFormer's ImageNet feature distance on source images: mean over qualifying cells of
+    ||f_student - f_imagenet||_2 (over channels). A cell qualifies if one thing class covers >= ratio of it,
+    computed by area-pooling the label's class masks to the feature grid (DAFormer: 8x8 cells, 75%).
+
+    student_feats (B, C, h, w) with grad; imagenet_feats (B, C, h, w) from the frozen copy (detached here);
+    label (B, H, W) int64 source labels. Returns a scalar; 0 * sum (graph kept) when no cell qualifies.
+    Multiply by LAMBDA_FD in the caller. ratio must exceed 0.5 (then at most one class can reach it)."""
+    if not 0.5 < ratio <= 1.0:
+        raise ValueError(f"ratio must lie in (0.5, 1], got {ratio}")
+    things = torch.tensor(thing_classes, device=label.device).view(1, -1, 1, 1)
+    share = F.adaptive_avg_pool2d((label.unsqueeze(1) == things).float(), student_feats.shape[-2:])  # (B, T, h, w)
+    cells = (share >= ratio).any(1).float()  # (B, h, w)
+    dist = torch.linalg.vector_norm(student_feats.float() - imagenet_feats.detach().float(), dim=1)  # (B, h, w)
+    return (dist * cells).sum() / cells.sum().clamp(min=1)
+
+
+def pseudo_label_crop(weight, pseudo_label, top=CROP_TOP, bottom=CROP_BOTTOM, reference=CROP_REFERENCE):
+    """Confidence weight scalar q or (B, H, W) -> per-pixel weight (B, H, W) with the top and bottom rows 0.
+
+    DAFormer uses fixed rows (15, 120) at 512 crops; for a crop of height H we scale them by H / reference
+    (rounded), so a 512 crop gets exactly DAFormer's rows and a 64-px toy crop 2 and 15. pseudo_label gives
+    the shape and device. Apply before ClassMix (pasted source pixels get weight 1 anyway)."""
+    B, H, W = pseudo_label.shape
+    w = torch.as_tensor(weight, device=pseudo_label.device).float().expand(B, H, W).clone()
+    rows_top, rows_bottom = round(top * H / reference), round(bottom * H / reference)
+    w[:, :rows_top] = 0
+    w[:, H - rows_bottom:] = 0
+    return w
+
+
+# ----------------------------------------------------------------------------- registry for train.py
+# build: the extra module (None or a callable of the encoder's channel count), trained in its own optimizer
+# group at the Rebuilder's LR (choice); loss: one call signature for all, (student, module, x_tgt, pl, w).
+AUX = {
+    "mic": dict(build=None, lambda_default=1.0,  # MIC: λ = 1
+                loss=lambda student, module, x_tgt, pl, w: mic_loss(student, x_tgt, pl, w)),
+    "cmim": dict(build=ClassWiseReconstructor, lambda_default=1.0,  # choice
+                 loss=lambda student, module, x_tgt, pl, w: cmim_loss(student, module, x_tgt, pl, w)),
+}

@@ -1,0 +1,285 @@
+"""What MFM costs: training step time, memory and FLOPs of source-only, DACS and DACS + MFM, the exported model's
+size and inference time with and without MFM training, and data-loader throughput, measured in one process.
+
+Each mode is built with train.parse_args + train.build_run and timed through train.train_step on random tensors
+of the training shapes, so this times the code train.py runs (data loading excluded; it is measured apart, with
+data.py's loader benchmark). The paper's claims to check (METHOD.md §3): the Rebuilder exists only during
+training, so the exported DeepLabV2 has the same parameters and inference time; our goals for the training
+overhead: DACS + MFM step <= 1.5x DACS and peak memory <= 1.15x DACS.
+
+    python bench.py                              # CPU: resnet18, 64 px crops, batch 2 + 2, fp32; a few minutes
+    python bench.py --device cuda                # GPU: the paper's resnet101, 512 crops, batch 2 + 2, bf16
+    python bench.py --device cuda --peak-tflops 756 --json h100pcie.json   # MFU against your GPU's peak
+
+It prints a markdown table (ready for the README) and writes the numbers to --json (default bench.json).
+"""
+import argparse
+import contextlib
+import gc
+import io
+import itertools
+import json
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import data
+import models
+import train
+
+# Dense bf16 tensor-core peak (TFLOP/s, vendor datasheets), matched as a substring of the device name, first hit.
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("A100", 312), ("L40S", 362), ("L4", 121))
+GOALS = {"step_s": 1.5, "peak_bytes": 1.15}  # DACS + MFM / DACS, the issue's targets
+CUDA_DEFAULTS = dict(backbone="resnet101", crop_size=512, dtype="bf16", reps=20, warmup=5, loader_n=32,
+                     loader_workers=4)
+CPU_DEFAULTS = dict(backbone="resnet18", crop_size=64, dtype="fp32", reps=5, warmup=1, loader_n=8, loader_workers=0)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def default(key):
+        return f"(default: {CUDA_DEFAULTS[key]} on CUDA, {CPU_DEFAULTS[key]} on CPU)"
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda or cpu (default: cuda when PyTorch sees a GPU)")
+    p.add_argument("--backbone", choices=models.BACKBONES, help=f"dilated ResNet {default('backbone')}")
+    p.add_argument("--crop-size", type=int, help=f"square training crop; inference runs on crop x 2*crop, the "
+                   f"Cityscapes aspect (512 -> 512x1024, the paper's eval size) {default('crop_size')}")
+    p.add_argument("--batch-size", type=int, default=2, help="source images and target images per step (default: 2)")
+    p.add_argument("--dtype", choices=train.DTYPES, help=f"autocast dtype {default('dtype')}")
+    p.add_argument("--reps", type=int, help=f"timed repetitions per mode; median and min reported {default('reps')}")
+    p.add_argument("--warmup", type=int, help=f"untimed iterations before timing {default('warmup')}")
+    p.add_argument("--mfm-grid", type=int, help="Rebuilder grid g (default: crop/32, so that 4g = the feature size "
+                   "as with the paper's g=16 at 512)")
+    p.add_argument("--aux", nargs="+", default=[], help="also time DACS + each auxiliary NAME via train.py's "
+                   "--aux NAME (only if train.py has that flag)")
+    p.add_argument("--peak-tflops", type=float, help="device peak for MFU = FLOPs/step / step time / peak "
+                   "(default: dense bf16 peak from a table keyed by CUDA device name; none on CPU)")
+    p.add_argument("--no-loader", action="store_true", help="skip the data-loader benchmark")
+    p.add_argument("--loader-n", type=int, help=f"GTA-sized PNG pairs the loader reads {default('loader_n')}")
+    p.add_argument("--loader-workers", type=int, help=f"DataLoader workers compared with 0 {default('loader_workers')}")
+    p.add_argument("--json", default="bench.json", help="where to write the results (default: bench.json)")
+    args = p.parse_args(argv)
+    for key, value in (CUDA_DEFAULTS if args.device.startswith("cuda") else CPU_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.mfm_grid = args.mfm_grid or max(1, args.crop_size // 32)
+    if args.reps < 1 or args.warmup < 0:
+        p.error("--reps must be >= 1 and --warmup >= 0")
+    return args
+
+
+def train_has_aux():
+    """Whether train.py's parser has an --aux flag (read from its --help, as a user would)."""
+    help_text = io.StringIO()
+    with contextlib.redirect_stdout(help_text), contextlib.suppress(SystemExit):
+        train.parse_args(["--help"])
+    return "--aux" in help_text.getvalue()
+
+
+def timed(fn, device):
+    """Seconds one call of fn takes: CUDA events around it on GPU, perf_counter on CPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1000
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def repeat(fn, device, warmup, reps):
+    for _ in range(warmup):
+        fn()
+    times = [timed(fn, device) for _ in range(reps)]
+    return dict(median_s=statistics.median(times), min_s=min(times), times_s=times)
+
+
+def fresh_memory(device):
+    """Free what the previous mode left so that each mode's CUDA peak is its own."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def state_bytes(run):
+    """Bytes of the persistent training state: weights, buffers, gradients and AdamW moments of student, teacher
+    and Rebuilder (exact on any device; activations are not included)."""
+    modules = [run[k] for k in ("student", "teacher", "rebuilder") if run[k] is not None]
+    tensors = [t for m in modules for t in itertools.chain(m.parameters(), m.buffers())]
+    tensors += [p.grad for m in modules for p in m.parameters() if p.grad is not None]
+    tensors += [v for s in run["optimizer"].state.values() for v in s.values() if torch.is_tensor(v)]
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
+def bench_training(name, extra, args, device, export_dir):
+    """Time train.train_step for one mode; export the student as train.py does -> (result dict, model.pt path)."""
+    targs = train.parse_args(["--source", "gta", "--target", "cityscapes", "--pretrained", "none",
+                              "--backbone", args.backbone, "--crop-size", str(args.crop_size),
+                              "--batch-size", str(args.batch_size), "--device", args.device, "--dtype", args.dtype,
+                              "--mfm-grid", str(args.mfm_grid), *extra])
+    fresh_memory(device)
+    train.set_seed(0)
+    run = train.build_run(targs, data.SegDataset.num_classes)
+    b, c = args.batch_size, args.crop_size
+    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # as train.py's loop
+    x_src = torch.rand(b, 3, c, c, device=device).contiguous(memory_format=layout)
+    y_src = torch.randint(0, data.SegDataset.num_classes, (b, c, c), device=device)
+    x_tgt = torch.rand(b, 3, c, c, device=device).contiguous(memory_format=layout)
+    steps = itertools.count()
+
+    def step():
+        train.train_step(run, x_src, y_src, x_tgt, next(steps), targs)
+    result = repeat(step, device, args.warmup, args.reps)
+    result["peak_bytes"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    result["state_bytes"] = state_bytes(run)
+    with FlopCounterMode(display=False) as counter:  # one more step, after timing: the counter slows it down
+        step()
+    result["flops"] = counter.get_total_flops()
+    result["images_per_s"] = 2 * b / result["median_s"]  # source + target images
+    result["hours_40k"] = 40_000 * result["median_s"] / 3600  # the paper's schedule
+    path = Path(export_dir) / f"{name.replace('+', '-')}.pt"
+    train.atomic_save(train.export(run, targs, next(steps)), path)
+    return result, path
+
+
+@torch.no_grad()
+def bench_inference(paths, args, device):
+    """Load each exported model.pt as eval.py's users do; time one forward of a (1, 3, crop, 2*crop) image,
+    the models taking turns so that a change in machine load hits them alike. paths: {label: path}."""
+    nets = {label: models.model_from_checkpoint(path, device)[0] for label, path in paths.items()}
+    x = torch.rand(1, 3, args.crop_size, 2 * args.crop_size, device=device)
+    autocast = torch.autocast(device.type, dtype=train.DTYPES[args.dtype], enabled=args.dtype != "fp32")
+
+    def forward(net):
+        with autocast:
+            net(x)
+    for net in itertools.chain.from_iterable(itertools.repeat(list(nets.values()), args.warmup)):
+        forward(net)
+    times = {label: [] for label in nets}
+    for _ in range(args.reps):
+        for label, net in nets.items():
+            times[label].append(timed(lambda net=net: forward(net), device))
+    return {label: dict(median_s=statistics.median(t), min_s=min(t), times_s=t,
+                        params=models.count_parameters(nets[label]),
+                        shapes={k: list(v.shape) for k, v in nets[label].state_dict().items()})
+            for label, t in times.items()}
+
+
+def bench_loader(workers, n):
+    """data.py's loader benchmark (its printed table, parsed) -> {workers: images/s}."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        data._bench(workers, n)
+    print(out.getvalue(), end="")
+    rows = [line.split() for line in out.getvalue().splitlines()]
+    return {int(r[0]): float(r[1]) for r in rows if len(r) == 2 and r[0].isdigit()}
+
+
+def cpu_name():
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def peak_flops(args, device):
+    if args.peak_tflops:
+        return args.peak_tflops * 1e12
+    if device.type != "cuda" or args.dtype == "fp32":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS if key in name), None)
+
+
+def markdown(report):
+    s, modes, inf = report["settings"], report["modes"], report["inference"]
+    dacs = modes["dacs"]
+
+    def ratio(row, key):
+        return f"{row[key] / dacs[key]:.2f}x" if row[key] and dacs[key] else "n/a"
+
+    def mib(value):
+        return f"{value / 2**20:,.0f}" if value else "n/a"
+    setup = (f"{s['backbone']}, {s['crop_size']} px crops, batch {s['batch_size']} source + {s['batch_size']} "
+             f"target, {s['dtype']}, MFM grid {s['mfm_grid']}; median (min) of {s['reps']} steps after "
+             f"{s['warmup']} warm-up, random tensors (no data loading).")
+    lines = [f"**{report['device']}**, torch {report['torch']}: `{report['command']}`", "", setup, "",
+             "| mode | step ms | vs DACS | images/s | GFLOP/step | MFU | peak MiB | vs DACS | state MiB | 40k iters |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in modes.items():
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"
+        lines.append(f"| {name} | {1000 * r['median_s']:.1f} ({1000 * r['min_s']:.1f}) | {ratio(r, 'median_s')} | "
+                     f"{r['images_per_s']:.1f} | {r['flops'] / 1e9:,.1f} | {mfu} | {mib(r['peak_bytes'])} | "
+                     f"{ratio(r, 'peak_bytes')} | {mib(r['state_bytes'])} | {r['hours_40k']:.1f} h |")
+    legend = ("peak MiB: torch.cuda.max_memory_allocated over the mode (n/a on CPU: PyTorch keeps no CPU "
+              "allocator peak); state MiB: weights, buffers, gradients and AdamW moments of student, teacher and "
+              "Rebuilder; images/s counts source + target images.")
+    lines += ["", legend, "",
+              f"| exported model (inference, 1x3x{s['crop_size']}x{2 * s['crop_size']}) | parameters | forward ms |",
+              "|---|---|---|"]
+    for name, r in inf.items():
+        lines.append(f"| {name} | {r['params']:,d} | {1000 * r['median_s']:.1f} ({1000 * r['min_s']:.1f}) |")
+    a, b = inf["trained with DACS"], inf["trained with DACS + MFM"]
+    lines.append(f"| ratio | {b['params'] / a['params']:.3f} | {b['median_s'] / a['median_s']:.2f} |")
+    checks = report["checks"]
+    lines += ["", f"DACS + MFM vs DACS: step {checks['step_ratio']:.2f}x (goal <= {GOALS['step_s']}x), peak memory "
+              + (f"{checks['memory_ratio']:.2f}x" if checks["memory_ratio"] else "n/a")
+              + f" (goal <= {GOALS['peak_bytes']}x); exported models identical: {checks['same_architecture']}."]
+    if report.get("loader"):
+        rates = ", ".join(f"{w} workers {v:.1f} images/s" for w, v in report["loader"].items())
+        lines.append(f"Data loader (GTA 1914x1052 PNG -> 1280x720 -> 512 crop, data.py --bench): {rates}.")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    modes = [("source-only", ["--source-only"]), ("dacs", ["--no-mfm"]), ("dacs+mfm", [])]
+    if args.aux and not train_has_aux():
+        sys.exit("error: --aux was given, but train.py has no --aux flag; it trains only source-only/DACS/DACS+MFM.")
+    modes += [(f"dacs+{aux}", ["--aux", aux]) for aux in args.aux if aux != "mfm"]
+    report = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda"
+                  else f"{cpu_name()} ({torch.get_num_threads()} threads)",
+                  torch=torch.__version__, command=shlex.join(["python", "bench.py", *argv]), settings=vars(args),
+                  modes={}, inference={})
+    peak = peak_flops(args, device)
+    with tempfile.TemporaryDirectory() as export_dir:
+        exported = {}
+        for name, extra in modes:
+            print(f"timing {name} ...", file=sys.stderr)
+            result, exported[name] = bench_training(name, extra, args, device, export_dir)
+            result["mfu"] = result["flops"] / result["median_s"] / peak if peak else None
+            report["modes"][name] = result
+        print("timing inference ...", file=sys.stderr)
+        report["inference"] = bench_inference({"trained with DACS": exported["dacs"],
+                                               "trained with DACS + MFM": exported["dacs+mfm"]}, args, device)
+    dacs, mfm = report["modes"]["dacs"], report["modes"]["dacs+mfm"]
+    a, b = report["inference"].values()
+    report["checks"] = dict(step_ratio=mfm["median_s"] / dacs["median_s"],
+                            memory_ratio=mfm["peak_bytes"] / dacs["peak_bytes"] if dacs["peak_bytes"] else None,
+                            same_architecture=a["params"] == b["params"] and a.pop("shapes") == b.pop("shapes"))
+    if not args.no_loader:
+        report["loader"] = bench_loader(args.loader_workers, args.loader_n)
+    table = markdown(report)
+    print(table)
+    Path(args.json).write_text(json.dumps(dict(report, table=table), indent=2))
+    print(f"wrote {args.json}", file=sys.stderr)
+    return report
+
+
+if __name__ == "__main__":
+    main()
