@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+import baselines
 import data
 import eval as evaluation
 import models
@@ -39,10 +40,13 @@ from mfm import Rebuilder, mfm_loss, weighted_cross_entropy
 # Defaults that depend on the domain pair: the paper's recipe for the real datasets, a CPU-sized one for the toy.
 PAPER = dict(backbone="resnet101", pretrained="imagenet", crop_size=512, iters=40_000, warmup=1500, lr=6e-5,
              lr_rebuilder=2e-4, mfm_grid=16, eval_every=4000, ckpt_every=1000, vis_every=1000, log_every=50)
-TOY = dict(backbone="resnet18", pretrained="none", crop_size=64, iters=600, warmup=50, lr=1e-3,
-           lr_rebuilder=1e-3, mfm_grid=4, eval_every=200, ckpt_every=100, vis_every=100, log_every=10)
+TOY = dict(backbone="resnet18", pretrained="none", crop_size=64, iters=300, warmup=30, lr=1e-3,
+           lr_rebuilder=1e-3, mfm_grid=4, eval_every=100, ckpt_every=100, vis_every=100, log_every=10)
+AUXILIARIES = ("mfm", "mic", "cmim")  # target-side auxiliary tasks; mic and cmim live in baselines.py
+DAFORMER = dict(rcs=True, fd=True, pl_crop=True, ema=0.999)  # --recipe daformer (METHOD.md §4)
 RESUMABLE = {"resume", "stop_at", "skip_nonfinite", "eval_every", "ckpt_every", "vis_every", "log_every",
              "workers", "data_root", "device", "out"}  # may differ between a run and its --resume
+TRAINED_AUX_MODULES = ("rebuilder", "cmim_head")  # training-only modules: in ckpt.pt, never in model.pt
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
@@ -80,7 +84,9 @@ def parse_args(argv=None):
                    help="q = fraction of target pixels whose max teacher probability >= this (DACS: 0.968)")
     g = p.add_argument_group("MFM (paper §3: L = L_src + L_mix + lambda * L_mfm)")
     mode = g.add_mutually_exclusive_group()
-    mode.add_argument("--no-mfm", action="store_true", help="DACS baseline: no MFM loss")
+    mode.add_argument("--aux", default="mfm", help="target auxiliary tasks, comma-separated from "
+                      f"{', '.join(AUXILIARIES)}, or none (default: mfm). E.g. --aux mfm,mic")
+    mode.add_argument("--no-mfm", action="store_true", help="DACS baseline: no auxiliary task (= --aux none)")
     mode.add_argument("--source-only", action="store_true", help="no adaptation: source loss only")
     g.add_argument("--lambda-mfm", type=float, default=1.0, help="lambda, weight of L_mfm (default: 1.0)")
     g.add_argument("--mask-ratio", type=float, default=0.4, help="P(grid cell masked), in (0, 1) (default: 0.4)")
@@ -89,6 +95,17 @@ def parse_args(argv=None):
     g.add_argument("--mfm-depth", type=int, default=2, help="Rebuilder transformer blocks (default: 2)")
     g.add_argument("--mfm-heads", type=int, default=16, help="Rebuilder attention heads (default: 16)")
     g.add_argument("--lr-rebuilder", type=float, help=f"Rebuilder AdamW LR, same schedule {preset('lr_rebuilder')}")
+    g = p.add_argument_group("comparisons: MIC, class-wise MIM (baselines.py) and the DAFormer extras")
+    g.add_argument("--lambda-mic", type=float, default=1.0, help="weight of the MIC loss (default: 1.0)")
+    g.add_argument("--mic-block", type=int, help="MIC mask block in pixels (default: crop/16, 32 at 512)")
+    g.add_argument("--mic-ratio", type=float, default=0.7, help="MIC fraction of masked blocks (default: 0.7)")
+    g.add_argument("--lambda-cmim", type=float, default=1.0, help="weight of the class-wise MIM loss (1.0)")
+    g.add_argument("--fd", action="store_true", help="ImageNet feature distance on thing classes (DAFormer)")
+    g.add_argument("--lambda-fd", type=float, default=baselines.LAMBDA_FD, help="its weight (default: 0.005)")
+    g.add_argument("--pl-crop", action="store_true", help="weight 0 on the top 15 / bottom 120 rows of target "
+                   "pseudo-labels, scaled to the crop (DAFormer)")
+    g.add_argument("--recipe", choices=["dacs", "daformer"], default="dacs",
+                   help="daformer = --rcs --fd --pl-crop --ema 0.999 (default: dacs)")
     g = p.add_argument_group("run")
     g.add_argument("--out", help="output folder (default: runs/SOURCE-TARGET-MODE-sSEED)")
     g.add_argument("--seed", type=int, default=0, help="seed of weights, data order, augmentation, masks")
@@ -114,8 +131,17 @@ def resolve(args):
     if args.source.startswith("toy") != args.target.startswith("toy"):
         raise ConfigError(f"--source {args.source} and --target {args.target} do not share a label space setup: "
                           "pair toy-day with toy-night, gta/synthia with cityscapes.")
-    args.aux = "none" if args.no_mfm or args.source_only else "mfm"
-    args.mode = "source-only" if args.source_only else ("dacs" if args.no_mfm else "dacs+mfm")
+    if args.recipe == "daformer":
+        for key, value in DAFORMER.items():
+            setattr(args, key, value)
+    args.mic_block = args.mic_block or max(1, args.crop_size // 16)
+    aux = [] if args.no_mfm or args.source_only else [a for a in args.aux.split(",") if a not in ("", "none")]
+    unknown = [a for a in aux if a not in AUXILIARIES]
+    if unknown:
+        raise ConfigError(f"--aux {args.aux}: unknown {', '.join(unknown)}; choose from {', '.join(AUXILIARIES)}, "
+                          "or none.")
+    args.aux = ",".join(aux) or "none"
+    args.mode = "source-only" if args.source_only else "+".join(["dacs", *aux])
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     args.workers = (4 if args.device.startswith("cuda") else 0) if args.workers is None else args.workers
     args.out = args.out or f"runs/{args.source}-{args.target}-{args.mode.replace('+', '-')}-s{args.seed}"
@@ -136,8 +162,9 @@ def resolve(args):
 
 # ----------------------------------------------------------------------------- the algorithm, step by step
 def source_loss(student, x_src, y_src):
-    """CE of the student on labelled source crops. x (B, 3, H, W), y (B, H, W) -> scalar."""
-    return weighted_cross_entropy(models.upsample(student(x_src), y_src.shape[-2:]), y_src)
+    """CE of the student on labelled source crops. x (B, 3, H, W), y (B, H, W) -> (scalar, features f_src)."""
+    feats = student.encode(x_src)
+    return weighted_cross_entropy(models.upsample(student.decode(feats), y_src.shape[-2:]), y_src), feats
 
 
 @torch.no_grad()
@@ -180,37 +207,58 @@ def lr_factor(step, args):
 
 def train_step(run, x_src, y_src, x_tgt, step, args):
     """One iteration. Returns the losses as a dict of tensors and the intermediate maps for pictures."""
-    student, teacher, rebuilder, scaler = run["student"], run["teacher"], run["rebuilder"], run["scaler"]
+    student, teacher, scaler = run["student"], run["teacher"], run["scaler"]
     autocast = torch.autocast(x_src.device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != "fp32")
     for group in run["optimizer"].param_groups:
         group["lr"] = group["base_lr"] * lr_factor(step, args)
     run["optimizer"].zero_grad(set_to_none=True)
     losses, seen = {}, {}
     with autocast:
-        losses["loss_src"] = source_loss(student, x_src, y_src)
-    scaler.scale(losses["loss_src"]).backward()
-    if teacher is not None:
-        seen["pseudo_label"], q = pseudo_label(teacher, x_tgt, args.pseudo_threshold)
-        seen["x_mix"], seen["y_mix"], w_mix = mix(x_src, y_src, x_tgt, seen["pseudo_label"], q)
+        losses["loss_src"], feats_src = source_loss(student, x_src, y_src)
+        total = losses["loss_src"]
+        if run["imagenet"] is not None:  # DAFormer: stay close to ImageNet features on thing classes
+            with torch.no_grad():
+                feats_imagenet = run["imagenet"].encode(x_src)
+            losses["loss_fd"] = baselines.feature_distance_loss(feats_src, feats_imagenet, y_src)
+            total = total + args.lambda_fd * losses["loss_fd"]
+    scaler.scale(total).backward()
+    if teacher is None:
+        return finish_step(run, losses, seen, step, args)
+    seen["pseudo_label"], q = pseudo_label(teacher, x_tgt, args.pseudo_threshold)
+    weight = baselines.pseudo_label_crop(q, seen["pseudo_label"]) if args.pl_crop else q
+    seen["x_mix"], seen["y_mix"], w_mix = mix(x_src, y_src, x_tgt, seen["pseudo_label"], weight)
+    with autocast:
+        losses["loss_mix"] = mix_loss(student, seen["x_mix"], seen["y_mix"], w_mix)
+    scaler.scale(losses["loss_mix"]).backward()
+    losses["confidence"] = q
+    for name in args.aux.split(","):  # each auxiliary on the plain target crop: no mixing, no strong augmentation
         with autocast:
-            losses["loss_mix"] = mix_loss(student, seen["x_mix"], seen["y_mix"], w_mix)
-        scaler.scale(losses["loss_mix"]).backward()
-        losses["confidence"] = q
-    if rebuilder is not None:
-        with autocast:
-            feats = student.encode(x_tgt)  # the plain target crop: no mixing, no strong augmentation
-            losses["loss_mfm"], seen["mfm_mask"] = mfm_loss(student.decode, rebuilder, feats, seen["pseudo_label"],
-                                                            q, return_mask=True)
-        scaler.scale(args.lambda_mfm * losses["loss_mfm"]).backward()
+            if name == "mfm":
+                feats = student.encode(x_tgt)
+                losses["loss_mfm"], seen["mfm_mask"] = mfm_loss(student.decode, run["rebuilder"], feats,
+                                                                seen["pseudo_label"], weight, return_mask=True)
+            elif name == "mic":
+                losses["loss_mic"] = baselines.mic_loss(student, x_tgt, seen["pseudo_label"], weight,
+                                                        args.mic_block, args.mic_ratio)
+            elif name == "cmim":
+                losses["loss_cmim"] = baselines.cmim_loss(student, run["cmim_head"], x_tgt, seen["pseudo_label"],
+                                                          weight)
+        if name != "none":
+            scaler.scale(getattr(args, f"lambda_{name}") * losses[f"loss_{name}"]).backward()
+    return finish_step(run, losses, seen, step, args)
+
+
+def finish_step(run, losses, seen, step, args):
+    """One sync for all losses; stop on a non-finite one; optimizer step; EMA teacher."""
     values = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))  # one sync
     bad = [k for k, v in values.items() if not math.isfinite(v)]
     if bad:
         run["optimizer"].zero_grad(set_to_none=True)
         raise NonFiniteLoss(f"{', '.join(bad)} = {', '.join(str(values[k]) for k in bad)} at step {step}")
-    scaler.step(run["optimizer"])
-    scaler.update()
-    if teacher is not None:
-        ema_update(teacher, student, step, args.ema)
+    run["scaler"].step(run["optimizer"])
+    run["scaler"].update()
+    if run["teacher"] is not None:
+        ema_update(run["teacher"], run["student"], step, args.ema)
     return values, seen
 
 
@@ -232,18 +280,24 @@ def build_run(args, num_classes):
     if device.type == "cuda":
         student = student.to(memory_format=torch.channels_last)
     groups = student.param_groups(args.lr)
-    teacher = rebuilder = None
+    run = dict(student=student, teacher=None, rebuilder=None, cmim_head=None, imagenet=None)
+    if args.fd:  # frozen copy of the pretrained network, made before any training
+        run["imagenet"] = copy.deepcopy(student).eval().requires_grad_(False)
     if args.mode != "source-only":
-        teacher = copy.deepcopy(student).requires_grad_(False)
-    if args.aux == "mfm":
-        rebuilder = Rebuilder(student.feat_channels, args.mfm_dim, args.mfm_grid, args.mfm_depth, args.mfm_heads,
-                              mask_ratio=args.mask_ratio).to(device)
-        groups.append(dict(params=list(rebuilder.parameters()), lr=args.lr_rebuilder, name="rebuilder"))
+        run["teacher"] = copy.deepcopy(student).requires_grad_(False)
+    if "mfm" in args.aux:
+        run["rebuilder"] = Rebuilder(student.feat_channels, args.mfm_dim, args.mfm_grid, args.mfm_depth,
+                                     args.mfm_heads, mask_ratio=args.mask_ratio).to(device)
+    if "cmim" in args.aux:  # choice: trained like the Rebuilder (its LR group)
+        run["cmim_head"] = baselines.ClassWiseReconstructor(student.feat_channels).to(device)
+    for name in TRAINED_AUX_MODULES:
+        if run[name] is not None:
+            groups.append(dict(params=list(run[name].parameters()), lr=args.lr_rebuilder, name=name))
     for group in groups:
         group["base_lr"] = group["lr"]
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")
-    return dict(student=student, teacher=teacher, rebuilder=rebuilder, optimizer=optimizer, scaler=scaler)
+    run["optimizer"] = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    run["scaler"] = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")
+    return run
 
 
 class CounterSampler(torch.utils.data.Sampler):
@@ -288,13 +342,13 @@ def atomic_save(obj, path):
 
 
 def save_checkpoint(run, args, done, best):
-    for name in ("student", "teacher", "rebuilder"):  # never write a NaN model over a good one
+    for name in ("student", "teacher", *TRAINED_AUX_MODULES):  # never write a NaN model over a good one
         module = run[name]
         if module is not None and not all(torch.isfinite(p).all() for p in module.parameters()):
             raise NonFiniteLoss(f"the {name} weights hold NaN/inf after {done} iterations; not saving them")
     state = export(run, args, done)
     state.update({name: run[name].state_dict() if run[name] is not None else None
-                  for name in ("teacher", "rebuilder")})
+                  for name in ("teacher", *TRAINED_AUX_MODULES)})
     state.update(optimizer=run["optimizer"].state_dict(), scaler=run["scaler"].state_dict(), best=best,
                  rng=dict(torch=torch.get_rng_state(), python=random.getstate(),
                           cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
@@ -318,7 +372,7 @@ def load_checkpoint(run, args):
         raise ConfigError(f"{path} was written by a run with other settings; resume with the same flags or "
                           "start a new --out. Differences:\n  " + "\n  ".join(differ))
     run["student"].load_state_dict(ckpt["model"])
-    for name in ("teacher", "rebuilder", "optimizer", "scaler"):
+    for name in ("teacher", *TRAINED_AUX_MODULES, "optimizer", "scaler"):
         if run[name] is not None:
             run[name].load_state_dict(ckpt[name])
     torch.set_rng_state(ckpt["rng"]["torch"])

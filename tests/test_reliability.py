@@ -128,8 +128,8 @@ def nan_after(monkeypatch, calls):
 
     def flaky(*args):
         count[0] += 1
-        loss = real(*args)
-        return loss * float("nan") if count[0] >= calls else loss
+        loss, feats = real(*args)
+        return (loss * float("nan") if count[0] >= calls else loss), feats
     monkeypatch.setattr(train, "source_loss", flaky)
 
 

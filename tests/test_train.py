@@ -158,3 +158,23 @@ def test_flags_out_of_range(argv, flag):
     base.update(extra)
     with pytest.raises(train.ConfigError, match=flag):
         train.parse_args([x for kv in base.items() for x in kv] + ["--device", "cpu"])
+
+
+@pytest.mark.parametrize("flags", [["--aux", "mic"], ["--aux", "cmim"], ["--aux", "mfm,mic"], ["--recipe", "daformer"]])
+def test_auxiliaries_and_daformer_extras_run_through_the_cli(tmp_path, flags):
+    """Two iterations of each comparison auxiliary (baselines.py) through train.main: finite losses, logged."""
+    out = tmp_path / "run"
+    train.main(["--source", "toy-day", "--target", "toy-night", "--out", str(out), "--iters", "2", "--log-every", "1",
+                "--eval-every", "0", "--vis-every", "0", "--mfm-dim", "64", "--mfm-heads", "4", *flags])
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    names = {"mic": ["loss_mic"], "cmim": ["loss_cmim"], "mfm,mic": ["loss_mfm", "loss_mic"],
+             "daformer": ["loss_fd", "loss_mfm"]}[flags[1]]
+    assert all(np.isfinite(r[name]) for r in records for name in names + ["loss_src", "loss_mix"])
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert (ckpt["cmim_head"] is not None) == (flags[1] == "cmim")
+    assert not any(k.startswith(("rebuilder", "cmim")) for k in torch.load(out / "model.pt", weights_only=True)["model"])
+
+
+def test_unknown_aux_is_named():
+    with pytest.raises(train.ConfigError, match="mae"):
+        train.parse_args(["--source", "toy-day", "--target", "toy-night", "--aux", "mfm,mae"])

@@ -1,0 +1,74 @@
+"""The toy adaptation table: toy-day -> toy-night target-val mIoU per method, mean ± std over seeds, per class.
+
+Runs train.py once per (method, seed) with the toy defaults (CPU), skipping runs that already finished (so an
+interrupted table continues where it stopped), then prints a markdown table from each run's final evaluation.
+
+    python toy_table.py                                   # source-only, DACS, DACS + MFM; seeds 0 1 2
+    python toy_table.py --methods dacs+mic dacs+cmim dacs+mfm+mic     # the comparison rows
+"""
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import data
+
+METHODS = {"source-only": ["--source-only"], "dacs": ["--no-mfm"], "dacs+mfm": [], "dacs+mic": ["--aux", "mic"],
+           "dacs+cmim": ["--aux", "cmim"], "dacs+mfm+mic": ["--aux", "mfm,mic"]}
+DEFAULT_METHODS = ["source-only", "dacs", "dacs+mfm"]
+
+
+def final_eval(run_dir):
+    """The last evaluation record of a finished run, or None."""
+    log = Path(run_dir) / "log.jsonl"
+    if not log.exists():
+        return None
+    evals = [r for r in map(json.loads, log.read_text().splitlines()) if "eval" in r]
+    config = json.loads((Path(run_dir) / "config.json").read_text())["config"]
+    return evals[-1]["eval"] if evals and evals[-1]["step"] == config["iters"] else None
+
+
+def table(results, methods, seeds):
+    """Markdown: one row per method, mIoU mean ± std over seeds, then the per-class mean IoU."""
+    present = [c for c in range(len(data.CLASS_NAMES))
+               if any(not np.isnan(r["iou"][c]) for runs in results.values() for r in runs)]
+    head = "| method | mIoU | " + " | ".join(data.CLASS_NAMES[c] for c in present) + " |"
+    lines = [head, "|" + "---|" * (2 + len(present))]
+    for method in methods:
+        runs = results[method]
+        miou = np.array([r["mIoU"] for r in runs])
+        per_class = np.nanmean(np.array([r["iou"] for r in runs], float), axis=0)
+        lines.append(f"| {method} | {miou.mean():.1f} ± {miou.std():.1f} | "
+                     + " | ".join(f"{per_class[c]:.1f}" for c in present) + " |")
+    lines.append(f"\ntoy-night val, {len(seeds)} seeds ({', '.join(map(str, seeds))}); std over seeds; "
+                 "per-class IoU averaged over seeds.")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS),
+                   help=f"methods to run (default: {' '.join(DEFAULT_METHODS)})")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default: 0 1 2)")
+    p.add_argument("--out", default="runs/toy-table", help="parent folder of the runs (default: runs/toy-table)")
+    p.add_argument("--train-args", default="", help="extra train.py flags for every run, one string")
+    args = p.parse_args(argv)
+    results = {m: [] for m in args.methods}
+    for method in args.methods:
+        for seed in args.seeds:
+            run_dir = Path(args.out) / f"{method.replace('+', '-')}-s{seed}"
+            if final_eval(run_dir) is None:
+                resume = ["--resume"] if (run_dir / "ckpt.pt").exists() else []
+                cmd = [sys.executable, "train.py", "--source", "toy-day", "--target", "toy-night", "--seed",
+                       str(seed), "--out", str(run_dir), *METHODS[method], *args.train_args.split(), *resume]
+                print("$", " ".join(cmd[1:]), flush=True)
+                subprocess.run(cmd, check=True, cwd=Path(__file__).parent)
+            results[method].append(final_eval(run_dir))
+    print(table(results, args.methods, args.seeds))
+
+
+if __name__ == "__main__":
+    main()
