@@ -16,7 +16,6 @@ It prints a markdown table (ready for the README) and writes the numbers to --js
 import argparse
 import contextlib
 import gc
-import io
 import itertools
 import json
 import platform
@@ -58,8 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, help=f"untimed iterations before timing {default('warmup')}")
     p.add_argument("--mfm-grid", type=int, help="Rebuilder grid g (default: crop/32, so that 4g = the feature size "
                    "as with the paper's g=16 at 512)")
-    p.add_argument("--aux", nargs="+", default=[], help="also time DACS + each auxiliary NAME via train.py's "
-                   "--aux NAME (only if train.py has that flag)")
+    p.add_argument("--aux", nargs="+", default=[], choices=["mic", "cmim", "mfm,mic"],
+                   help="also time DACS + each auxiliary (train.py --aux NAME), e.g. --aux mic cmim")
     p.add_argument("--peak-tflops", type=float, help="device peak for MFU = FLOPs/step / step time / peak "
                    "(default: dense bf16 peak from a table keyed by CUDA device name; none on CPU)")
     p.add_argument("--no-loader", action="store_true", help="skip the data-loader benchmark")
@@ -74,14 +73,6 @@ def parse_args(argv=None):
     if args.reps < 1 or args.warmup < 0:
         p.error("--reps must be >= 1 and --warmup >= 0")
     return args
-
-
-def train_has_aux():
-    """Whether train.py's parser has an --aux flag (read from its --help, as a user would)."""
-    help_text = io.StringIO()
-    with contextlib.redirect_stdout(help_text), contextlib.suppress(SystemExit):
-        train.parse_args(["--help"])
-    return "--aux" in help_text.getvalue()
 
 
 def timed(fn, device):
@@ -177,16 +168,6 @@ def bench_inference(paths, args, device):
             for label, t in times.items()}
 
 
-def bench_loader(workers, n):
-    """data.py's loader benchmark (its printed table, parsed) -> {workers: images/s}."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        data._bench(workers, n)
-    print(out.getvalue(), end="")
-    rows = [line.split() for line in out.getvalue().splitlines()]
-    return {int(r[0]): float(r[1]) for r in rows if len(r) == 2 and r[0].isdigit()}
-
-
 def cpu_name():
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -249,8 +230,6 @@ def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
     modes = [("source-only", ["--source-only"]), ("dacs", ["--no-mfm"]), ("dacs+mfm", [])]
-    if args.aux and not train_has_aux():
-        sys.exit("error: --aux was given, but train.py has no --aux flag; it trains only source-only/DACS/DACS+MFM.")
     modes += [(f"dacs+{aux}", ["--aux", aux]) for aux in args.aux if aux != "mfm"]
     report = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda"
                   else f"{cpu_name()} ({torch.get_num_threads()} threads)",
@@ -273,7 +252,7 @@ def main(argv=None):
                             memory_ratio=mfm["peak_bytes"] / dacs["peak_bytes"] if dacs["peak_bytes"] else None,
                             same_architecture=a["params"] == b["params"] and a.pop("shapes") == b.pop("shapes"))
     if not args.no_loader:
-        report["loader"] = bench_loader(args.loader_workers, args.loader_n)
+        report["loader"] = data.bench_loader(args.loader_workers, args.loader_n)
     table = markdown(report)
     print(table)
     Path(args.json).write_text(json.dumps(dict(report, table=table), indent=2))
