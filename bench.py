@@ -26,10 +26,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
 
 import data
+import eval as evaluation
 import models
 import train
 
@@ -52,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--crop-size", type=int, help=f"square training crop; inference runs on crop x 2*crop, the "
                    f"Cityscapes aspect (512 -> 512x1024, the paper's eval size) {default('crop_size')}")
     p.add_argument("--batch-size", type=int, default=2, help="source images and target images per step (default: 2)")
-    p.add_argument("--dtype", choices=train.DTYPES, help=f"autocast dtype {default('dtype')}")
+    p.add_argument("--dtype", choices=evaluation.DTYPES, help=f"autocast dtype {default('dtype')}")
     p.add_argument("--reps", type=int, help=f"timed repetitions per mode; median and min reported {default('reps')}")
     p.add_argument("--warmup", type=int, help=f"untimed iterations before timing {default('warmup')}")
     p.add_argument("--mfm-grid", type=int, help="Rebuilder grid g (default: crop/32, so that 4g = the feature size "
@@ -151,7 +155,7 @@ def bench_inference(paths, args, device):
     the models taking turns so that a change in machine load hits them alike. paths: {label: path}."""
     nets = {label: models.model_from_checkpoint(path, device)[0] for label, path in paths.items()}
     x = torch.rand(1, 3, args.crop_size, 2 * args.crop_size, device=device)
-    autocast = torch.autocast(device.type, dtype=train.DTYPES[args.dtype], enabled=args.dtype != "fp32")
+    autocast = torch.autocast(device.type, dtype=evaluation.DTYPES[args.dtype], enabled=args.dtype != "fp32")
 
     def forward(net):
         with autocast:
@@ -166,6 +170,34 @@ def bench_inference(paths, args, device):
                         params=models.count_parameters(nets[label]),
                         shapes={k: list(v.shape) for k, v in nets[label].state_dict().items()})
             for label, t in times.items()}
+
+
+def bench_loader(workers, n, batch_size=2):
+    """Images/s of the training pipeline on n GTA-sized PNG pairs, for 0 and `workers` DataLoader processes;
+    prints a table and returns {workers: images/s}."""
+    result = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root, rng, ids = Path(tmp), np.random.default_rng(0), np.array(list(data.CITYSCAPES_ID_TO_TRAINID), np.uint8)
+        for sub in ("images", "labels"):
+            (root / "gta" / sub).mkdir(parents=True)
+        for i in tqdm(range(n), desc="writing GTA-sized PNG pairs"):  # smooth noise: compresses like a photo
+            img = Image.fromarray(rng.integers(0, 256, (66, 120, 3), np.uint8)).resize((1914, 1052), Image.BILINEAR)
+            img.save(root / f"gta/images/{i + 1:05d}.png")
+            lbl = Image.fromarray(rng.choice(ids, (17, 30))).resize((1914, 1052), Image.NEAREST)
+            lbl.putpalette(np.array(data.PALETTE, np.uint8).ravel().tolist())  # 'L' -> 'P', as the GTA download
+            lbl.save(root / f"gta/labels/{i + 1:05d}.png")
+        ds = data.build_dataset("gta", root=root, crop_size=512)
+        print(f"training pipeline: GTA 1914x1052 PNG -> 1280x720 -> 512 crop, batch {batch_size}, {n} images "
+              "(first batch untimed)\nworkers  images/s")
+        for w in sorted({0, workers}):
+            loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=range(n), num_workers=w)
+            batches = iter(loader)
+            next(batches)  # not timed: worker start-up
+            start = time.perf_counter()
+            count = sum(img.shape[0] for img, _ in batches)
+            result[w] = count / (time.perf_counter() - start)
+            print(f"{w:>7}  {result[w]:8.1f}")
+    return result
 
 
 def cpu_name():
@@ -221,7 +253,7 @@ def markdown(report):
               + f" (goal <= {GOALS['peak_bytes']}x); exported models identical: {checks['same_architecture']}."]
     if report.get("loader"):
         rates = ", ".join(f"{w} workers {v:.1f} images/s" for w, v in report["loader"].items())
-        lines.append(f"Data loader (GTA 1914x1052 PNG -> 1280x720 -> 512 crop, data.py --bench): {rates}.")
+        lines.append(f"Data loader (GTA 1914x1052 PNG -> 1280x720 -> 512 crop): {rates}.")
     return "\n".join(lines)
 
 
@@ -252,7 +284,7 @@ def main(argv=None):
                             memory_ratio=mfm["peak_bytes"] / dacs["peak_bytes"] if dacs["peak_bytes"] else None,
                             same_architecture=a["params"] == b["params"] and a.pop("shapes") == b.pop("shapes"))
     if not args.no_loader:
-        report["loader"] = data.bench_loader(args.loader_workers, args.loader_n)
+        report["loader"] = bench_loader(args.loader_workers, args.loader_n)
     table = markdown(report)
     print(table)
     Path(args.json).write_text(json.dumps(dict(report, table=table), indent=2))

@@ -9,14 +9,12 @@ Training datasets are "infinite": ds[k] for the global sample counter k returns 
 k = s * batch_size, with any number of DataLoader workers. Evaluation (train=False) returns the image resized
 to ds.eval_size, the label at full native resolution and the ground-truth file's name inside the split.
 
-    python data.py --bench --workers 2 --n 32   # images/s of the training pipeline on GTA-sized files
     python data.py --show toy                   # writes toy_grid.png: toy-day / toy-night with labels
 """
 import argparse
 import json
 import math
-import tempfile
-import time
+import itertools
 import warnings
 from pathlib import Path
 
@@ -339,6 +337,27 @@ def build_dataset(name, root="data", split="train", train=True, crop_size=512, s
     return SegDataset(name, samples, split, train, crop_size, seed, tuple(resize or RESIZE[name]), rcs, rcs_cache)
 
 
+class CounterSampler(torch.utils.data.Sampler):
+    """Yields the global sample counter k = start, start+1, ... that training datasets map to (image, crop, flip)."""
+
+    def __init__(self, start):
+        self.start = start
+
+    def __iter__(self):
+        return itertools.count(self.start)
+
+
+def train_loader(dataset, batch_size, step, workers, seed, pin_memory=False):
+    """Endless iterator of training batches starting at iteration `step`: the batches an uninterrupted run
+    would have seen from there on (with any number of workers). Its own generator: creating it draws nothing
+    from the global RNG, so --resume does not shift the random stream."""
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=CounterSampler(step * batch_size), num_workers=workers,
+        pin_memory=pin_memory, drop_last=True, persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(seed))
+    return iter(loader)
+
+
 # ----------------------------------------------------------------------------- DACS mixing and augmentation
 def class_mix(img_src, lbl_src, img_tgt, pseudo_lbl, pseudo_weight, generator=None):
     """ClassMix (METHOD.md §4.3): per pair, paste the pixels of ceil(n/2) of the n classes in the source label
@@ -408,34 +427,6 @@ def strong_augment(img, generator=None):
 
 
 # ----------------------------------------------------------------------------- command line
-def bench_loader(workers, n, batch_size=2):
-    """Images/s of the training pipeline on n GTA-sized PNG pairs, for 0 and `workers` DataLoader processes;
-    prints a table and returns {workers: images/s}."""
-    result = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        root, rng, ids = Path(tmp), np.random.default_rng(0), np.array(list(CITYSCAPES_ID_TO_TRAINID), np.uint8)
-        for sub in ("images", "labels"):
-            (root / "gta" / sub).mkdir(parents=True)
-        for i in tqdm(range(n), desc="writing GTA-sized PNG pairs"):  # smooth noise: compresses like a photo
-            img = Image.fromarray(rng.integers(0, 256, (66, 120, 3), np.uint8)).resize((1914, 1052), Image.BILINEAR)
-            img.save(root / f"gta/images/{i + 1:05d}.png")
-            lbl = Image.fromarray(rng.choice(ids, (17, 30))).resize((1914, 1052), Image.NEAREST)
-            lbl.putpalette(np.array(PALETTE, np.uint8).ravel().tolist())  # 'L' -> 'P', as the GTA download
-            lbl.save(root / f"gta/labels/{i + 1:05d}.png")
-        ds = build_dataset("gta", root=root, crop_size=512)
-        print(f"training pipeline: GTA 1914x1052 PNG -> 1280x720 -> 512 crop, batch {batch_size}, {n} images "
-              "(first batch untimed)\nworkers  images/s")
-        for w in sorted({0, workers}):
-            loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=range(n), num_workers=w)
-            batches = iter(loader)
-            next(batches)  # not timed: worker start-up
-            start = time.perf_counter()
-            count = sum(img.shape[0] for img, _ in batches)
-            result[w] = count / (time.perf_counter() - start)
-            print(f"{w:>7}  {result[w]:8.1f}")
-    return result
-
-
 def _show(out):
     rows = []
     for night in (False, True):
@@ -447,15 +438,9 @@ def _show(out):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bench", action="store_true", help="write --n random GTA-sized (1914x1052) PNG pairs "
-                        "to a temp dir and report images/s of the training pipeline for 0 and --workers workers")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers to compare with 0 (--bench)")
-    parser.add_argument("--n", type=int, default=32, help="number of fake image/label pairs (--bench)")
     parser.add_argument("--show", choices=["toy"], help="save toy_grid.png: toy-day/toy-night images and labels")
     args = parser.parse_args()
     if args.show:
         _show("toy_grid.png")
-    if args.bench:
-        bench_loader(args.workers, args.n)
-    if not (args.show or args.bench):
+    else:
         parser.print_help()

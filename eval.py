@@ -1,4 +1,5 @@
 """Evaluate a segmentation checkpoint: per-class IoU and mIoU on a target split, as the paper reports them.
+Also the pictures people look at: colourised predictions and train.py's vis/ grids.
 
 METHOD.md §4 (evaluation): every val image resized to the training resolution (Cityscapes 1024x512), one
 forward pass (no sliding window, no flip), logits upsampled bilinearly to the full-resolution label, argmax,
@@ -22,6 +23,11 @@ from tqdm import tqdm
 
 import data
 import models
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}  # --dtype -> autocast dtype
+LABEL_IDS = np.zeros(256, np.uint8)  # trainId -> official Cityscapes label id (255 -> 0, "unlabeled")
+LABEL_IDS[list(data.TRAINID_TO_LABELID)] = list(data.TRAINID_TO_LABELID.values())
 
 
 def confusion_matrix(label, pred, num_classes):
@@ -50,11 +56,29 @@ def save_prediction(pred, name, out_dir):
     path = Path(out_dir) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     pred = pred.cpu().numpy().astype(np.uint8)
-    label_ids = np.zeros(256, np.uint8)
-    for train_id, label_id in data.TRAINID_TO_LABELID.items():
-        label_ids[train_id] = label_id
-    Image.fromarray(label_ids[pred]).save(path)
+    Image.fromarray(LABEL_IDS[pred]).save(path)
     Image.fromarray(data.colorize(pred)).save(path.with_name(path.stem + "_color.png"))
+
+
+def save_training_picture(path, x_src, y_src, x_tgt, seen, pred):
+    """train.py's vis/ pictures: one PNG, one row per image (at most 2): source | source label | target |
+    pseudo-label | mixed image | MFM mask over the target (masked cells darkened) | student prediction."""
+    def rgb(x):
+        return (x.detach().float().clamp(0, 1) * 255).byte().permute(1, 2, 0).cpu().numpy()
+    rows = []
+    for i in range(min(2, len(x_src))):
+        panels = [rgb(x_src[i]), data.colorize(y_src[i].cpu()), rgb(x_tgt[i])]
+        if "pseudo_label" in seen:
+            panels += [data.colorize(seen["pseudo_label"][i].cpu()), rgb(seen["x_mix"][i])]
+        if "mfm_mask" in seen:
+            mask = models.upsample(seen["mfm_mask"][i:i + 1].float(), x_tgt.shape[-2:])[0]
+            panels.append(rgb(x_tgt[i] * (1 - 0.7 * mask)))
+        panels.append(data.colorize(pred[i].cpu()))
+        rows.append(np.concatenate(panels, axis=1))
+    picture = Image.fromarray(np.concatenate(rows, axis=0))
+    scale = max(1, 256 // picture.height)  # toy crops are tiny: enlarge so that people can see them
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST).save(path)
 
 
 @torch.no_grad()
@@ -107,9 +131,6 @@ def parse_args(argv=None):
                    help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--workers", type=int, default=4, help="DataLoader worker processes (default: 4)")
     return p.parse_args(argv)
-
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 def main(argv=None):

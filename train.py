@@ -16,7 +16,6 @@ inference: no teacher, no Rebuilder), model_best.pt, and vis/step_*.png pictures
 import argparse
 import contextlib
 import copy
-import itertools
 import json
 import math
 import os
@@ -28,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 import baselines
@@ -47,7 +45,6 @@ DAFORMER = dict(rcs=True, fd=True, pl_crop=True, ema=0.999)  # --recipe daformer
 RESUMABLE = {"resume", "stop_at", "skip_nonfinite", "eval_every", "ckpt_every", "vis_every", "log_every",
              "workers", "data_root", "device", "out"}  # may differ between a run and its --resume
 TRAINED_AUX_MODULES = ("rebuilder", "cmim_head")  # training-only modules: in ckpt.pt, never in model.pt
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 class ConfigError(Exception):
@@ -110,7 +107,7 @@ def parse_args(argv=None):
     g.add_argument("--out", help="output folder (default: runs/SOURCE-TARGET-MODE-sSEED)")
     g.add_argument("--seed", type=int, default=0, help="seed of weights, data order, augmentation, masks")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    g.add_argument("--dtype", choices=DTYPES, help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--dtype", choices=evaluation.DTYPES, help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--deterministic", action="store_true", help="deterministic kernels (bit-identical resume)")
     g.add_argument("--resume", nargs="?", const="auto", metavar="CKPT",
                    help="continue the run in --out from its ckpt.pt (or from CKPT)")
@@ -208,7 +205,7 @@ def lr_factor(step, args):
 def train_step(run, x_src, y_src, x_tgt, step, args):
     """One iteration. Returns the losses as a dict of tensors and the intermediate maps for pictures."""
     student, teacher, scaler = run["student"], run["teacher"], run["scaler"]
-    autocast = torch.autocast(x_src.device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != "fp32")
+    autocast = torch.autocast(x_src.device.type, evaluation.DTYPES[args.dtype], enabled=args.dtype != "fp32")
     for group in run["optimizer"].param_groups:
         group["lr"] = group["base_lr"] * lr_factor(step, args)
     run["optimizer"].zero_grad(set_to_none=True)
@@ -300,39 +297,21 @@ def build_run(args, num_classes):
     return run
 
 
-class CounterSampler(torch.utils.data.Sampler):
-    """Yields the global sample counter k = start, start+1, ...: training datasets map k to (image, crop, flip),
-    so the data order after --resume is the one the uninterrupted run would have seen."""
-
-    def __init__(self, start):
-        self.start = start
-
-    def __iter__(self):
-        return itertools.count(self.start)
-
-
-def infinite_loader(dataset, args, step):
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, sampler=CounterSampler(step * args.batch_size),
-        num_workers=args.workers, pin_memory=args.device.startswith("cuda"), drop_last=True,
-        persistent_workers=args.workers > 0, generator=torch.Generator().manual_seed(args.seed))
-    return iter(loader)  # its own generator: creating it draws nothing from the global RNG
-
-
 def export(run, args, done):
     """What inference needs: the student's weights and how to build it. No teacher, no Rebuilder.
     done = iterations completed."""
     return dict(model=run["student"].state_dict(), model_config=run["student"].config, config=vars(args), step=done)
 
 
-def atomic_save(obj, path):
-    """torch.save to a temp file, then rename: a crash mid-write never leaves a half-written `path`. The file
-    it replaces is kept as *.prev.pt. A full disk or unwritable folder raises ConfigError; nothing is lost."""
+def atomic_save(obj, path, keep_previous=False):
+    """torch.save to a temp file, then rename: a crash mid-write never leaves a half-written `path`. With
+    keep_previous, the file it replaces stays as *.prev.pt. A full disk or unwritable folder raises
+    ConfigError; nothing is lost."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
         torch.save(obj, tmp)
-        if path.exists():
+        if keep_previous and path.exists():
             os.replace(path, path.with_name(path.stem + ".prev.pt"))
         os.replace(tmp, path)
     except OSError as err:
@@ -344,16 +323,17 @@ def atomic_save(obj, path):
 def save_checkpoint(run, args, done, best):
     for name in ("student", "teacher", *TRAINED_AUX_MODULES):  # never write a NaN model over a good one
         module = run[name]
-        if module is not None and not all(torch.isfinite(p).all() for p in module.parameters()):
+        if module is not None and not torch.stack([p.isfinite().all() for p in module.parameters()]).all():
             raise NonFiniteLoss(f"the {name} weights hold NaN/inf after {done} iterations; not saving them")
-    state = export(run, args, done)
+    weights = export(run, args, done)
+    state = dict(weights)
     state.update({name: run[name].state_dict() if run[name] is not None else None
                   for name in ("teacher", *TRAINED_AUX_MODULES)})
     state.update(optimizer=run["optimizer"].state_dict(), scaler=run["scaler"].state_dict(), best=best,
                  rng=dict(torch=torch.get_rng_state(), python=random.getstate(),
                           cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
-    atomic_save(state, Path(args.out) / "ckpt.pt")
-    atomic_save(export(run, args, done), Path(args.out) / "model.pt")
+    atomic_save(state, Path(args.out) / "ckpt.pt", keep_previous=True)
+    atomic_save(weights, Path(args.out) / "model.pt")
 
 
 def load_checkpoint(run, args):
@@ -380,27 +360,6 @@ def load_checkpoint(run, args):
     if ckpt["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
     return ckpt["step"], ckpt["best"]
-
-
-def save_picture(path, x_src, y_src, x_tgt, seen, pred):
-    """One PNG, one row per image (at most 2): source | source label | target | pseudo-label | mixed image |
-    MFM mask over the target (masked cells darkened) | student prediction on the target."""
-    def rgb(x):
-        return (x.detach().float().clamp(0, 1) * 255).byte().permute(1, 2, 0).cpu().numpy()
-    rows = []
-    for i in range(min(2, len(x_src))):
-        panels = [rgb(x_src[i]), data.colorize(y_src[i].cpu()), rgb(x_tgt[i])]
-        if "pseudo_label" in seen:
-            panels += [data.colorize(seen["pseudo_label"][i].cpu()), rgb(seen["x_mix"][i])]
-        if "mfm_mask" in seen:
-            mask = models.upsample(seen["mfm_mask"][i:i + 1].float(), x_tgt.shape[-2:])[0]
-            panels.append(rgb(x_tgt[i] * (1 - 0.7 * mask)))
-        panels.append(data.colorize(pred[i].cpu()))
-        rows.append(np.concatenate(panels, axis=1))
-    picture = Image.fromarray(np.concatenate(rows, axis=0))
-    scale = max(1, 256 // picture.height)  # toy crops are tiny: enlarge so that people can see them
-    path.parent.mkdir(parents=True, exist_ok=True)
-    picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST).save(path)
 
 
 @contextlib.contextmanager
@@ -445,7 +404,8 @@ def train(args):
 
     device = torch.device(args.device)
     channels_last = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    src_iter, tgt_iter = infinite_loader(src, args, start), infinite_loader(tgt, args, start)
+    src_iter, tgt_iter = (data.train_loader(ds, args.batch_size, start, args.workers, args.seed, device.type == "cuda")
+                          for ds in (src, tgt))
     stop = min(args.iters, args.stop_at or args.iters)
     bar = tqdm(range(start, stop), initial=start, total=stop, desc=f"{args.source}->{args.target} {args.mode}")
     tick, result, step = time.time(), None, start - 1
@@ -472,9 +432,10 @@ def train(args):
                 with torch.no_grad():  # eval mode: the picture must not move BatchNorm statistics
                     pred = models.upsample(run["student"].eval()(x_tgt), x_tgt.shape[-2:]).argmax(1)
                 run["student"].train()
-                save_picture(out / "vis" / f"step_{done:06d}.png", x_src, y_src, x_tgt, seen, pred)
+                evaluation.save_training_picture(out / "vis" / f"step_{done:06d}.png", x_src, y_src, x_tgt, seen, pred)
             if args.eval_every and (done % args.eval_every == 0 or done == args.iters):
-                result = evaluation.evaluate(run["student"], val, args.device, DTYPES[args.dtype], args.source)
+                result = evaluation.evaluate(run["student"], val, args.device, evaluation.DTYPES[args.dtype],
+                                             args.source)
                 log(out, dict(step=done, eval=result))
                 bar.write(f"step {done}: {val.name} {val.split} mIoU {result['mIoU']:.2f}")
                 if best is None or result["mIoU"] > best["mIoU"]:
