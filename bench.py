@@ -108,14 +108,30 @@ def fresh_memory(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def state_bytes(run):
-    """Bytes of the persistent training state: weights, buffers, gradients and AdamW moments of student, teacher
-    and Rebuilder (exact on any device; activations are not included)."""
-    modules = [run[k] for k in ("student", "teacher", "rebuilder") if run[k] is not None]
+def state_bytes(run, grads=True):
+    """Bytes of the persistent training state: weights, buffers, AdamW moments and (with grads) gradients of
+    student, teacher and Rebuilder (exact on any device; activations are not included)."""
+    modules = [run[k] for k in ("student", "teacher", "rebuilder", "cmim_head") if run[k] is not None]
     tensors = [t for m in modules for t in itertools.chain(m.parameters(), m.buffers())]
-    tensors += [p.grad for m in modules for p in m.parameters() if p.grad is not None]
+    tensors += [p.grad for m in modules for p in m.parameters() if grads and p.grad is not None]
     tensors += [v for s in run["optimizer"].state.values() for v in s.values() if torch.is_tensor(v)]
     return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
+def cpu_peak_bytes(fn):
+    """Run fn() and return the most CPU memory it held at once, counting only what it allocated itself.
+    PyTorch keeps no CPU allocator peak; the profiler's allocation records carry a running total of the bytes
+    allocated while profiling that are still alive (frees of older tensors are not in it)."""
+    from torch._C._profiler import _EventType  # the records behind torch.profiler's memory timeline
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    totals, nodes = [0], list(prof.profiler.kineto_results.experimental_event_tree())
+    while nodes:
+        node = nodes.pop()
+        nodes += node.children
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            totals.append(node.extra_fields.total_allocated)
+    return max(totals)
 
 
 def bench_training(name, extra, args, device, export_dir):
@@ -137,15 +153,19 @@ def bench_training(name, extra, args, device, export_dir):
     def step():
         train.train_step(run, x_src, y_src, x_tgt, next(steps), targs)
     result = repeat(step, device, args.warmup, args.reps)
-    result["peak_bytes"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     result["state_bytes"] = state_bytes(run)
-    with FlopCounterMode(display=False) as counter:  # one more step, after timing: the counter slows it down
-        step()
+    kept = state_bytes(run, grads=False)  # what a step keeps from before it: zero_grad drops the gradients first
+    with FlopCounterMode(display=False) as counter:  # one more step, after timing: the counters slow it down
+        if device.type == "cuda":
+            step()
+            result["peak_bytes"] = torch.cuda.max_memory_allocated(device)
+        else:
+            result["peak_bytes"] = kept + cpu_peak_bytes(step)
     result["flops"] = counter.get_total_flops()
     result["images_per_s"] = 2 * b / result["median_s"]  # source + target images
     result["hours_40k"] = 40_000 * result["median_s"] / 3600  # the paper's schedule
     path = Path(export_dir) / f"{name.replace('+', '-')}.pt"
-    train.atomic_save(train.export(run, targs, next(steps)), path)
+    models.atomic_save(train.export(run, targs, next(steps)), path)
     return result, path
 
 
@@ -237,9 +257,10 @@ def markdown(report):
         lines.append(f"| {name} | {1000 * r['median_s']:.1f} ({1000 * r['min_s']:.1f}) | {ratio(r, 'median_s')} | "
                      f"{r['images_per_s']:.1f} | {r['flops'] / 1e9:,.1f} | {mfu} | {mib(r['peak_bytes'])} | "
                      f"{ratio(r, 'peak_bytes')} | {mib(r['state_bytes'])} | {r['hours_40k']:.1f} h |")
-    legend = ("peak MiB: torch.cuda.max_memory_allocated over the mode (n/a on CPU: PyTorch keeps no CPU "
-              "allocator peak); state MiB: weights, buffers, gradients and AdamW moments of student, teacher and "
-              "Rebuilder; images/s counts source + target images.")
+    legend = ("peak MiB: the most memory a training step holds (CUDA: torch.cuda.max_memory_allocated; CPU: the "
+              "state it keeps plus the profiler's running total of what it allocates); state MiB: weights, buffers, "
+              "gradients and AdamW moments of student, teacher and training-only heads; images/s counts source + "
+              "target images.")
     lines += ["", legend, "",
               f"| exported model (inference, 1x3x{s['crop_size']}x{2 * s['crop_size']}) | parameters | forward ms |",
               "|---|---|---|"]

@@ -60,9 +60,13 @@ def save_prediction(pred, name, out_dir):
     Image.fromarray(data.colorize(pred)).save(path.with_name(path.stem + "_color.png"))
 
 
-def save_training_picture(path, x_src, y_src, x_tgt, seen, pred):
+def save_training_picture(path, student, x_src, y_src, x_tgt, seen):
     """train.py's vis/ pictures: one PNG, one row per image (at most 2): source | source label | target |
-    pseudo-label | mixed image | MFM mask over the target (masked cells darkened) | student prediction."""
+    pseudo-label | mixed image | MFM mask over the target (masked cells darkened) | student prediction.
+    The student predicts in eval mode (a picture must not move BatchNorm statistics) and is left in train mode."""
+    with torch.no_grad():
+        pred = models.upsample(student.eval()(x_tgt), x_tgt.shape[-2:]).argmax(1)
+    student.train()
     def rgb(x):
         return (x.detach().float().clamp(0, 1) * 255).byte().permute(1, 2, 0).cpu().numpy()
     rows = []

@@ -13,6 +13,7 @@ Nothing here knows about the Rebuilder (mfm.py): it exists only during training.
     python models.py                # prints parameter counts and output shapes
 """
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -26,7 +27,8 @@ BACKBONES = ("resnet101", "resnet50", "resnet18")  # resnet18: our addition for 
 
 
 class WeightsError(Exception):
-    """A weights file or option that cannot be used; the message names it and says what was expected."""
+    """A weights file or option that cannot be used, or a checkpoint that cannot be written; the message
+    names it and says what was expected."""
 
 
 def upsample(logits, size):
@@ -155,6 +157,23 @@ def load_pretrained(model, pretrained):
         top, _, rest = key.partition(".")
         ours[f"{rename[top]}.{rest}" if top in rename else key] = value
     _load_strict(model.backbone, ours, f"{model.config['backbone']} backbone", source)
+
+
+def atomic_save(obj, path, keep_previous=False):
+    """torch.save to a temp file, then rename: a crash mid-write never leaves a half-written `path`. With
+    keep_previous, the file it replaces stays as *.prev.pt. A full disk or unwritable folder raises
+    WeightsError; nothing is lost."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(obj, tmp)
+        if keep_previous and path.exists():
+            os.replace(path, path.with_name(path.stem + ".prev.pt"))
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise WeightsError(f"could not write {path}: {err}. The previous checkpoint, if any, is intact; free disk "
+                          "space or choose another --out, then --resume.") from err
 
 
 def load_checkpoint(path):

@@ -32,19 +32,20 @@ def final_eval(run_dir):
 
 
 def table(results, methods, seeds):
-    """Markdown: one row per method, mIoU mean ± std over seeds, then the per-class mean IoU."""
+    """Markdown: one row per method, mIoU mean ± sample std over seeds, then the per-class IoU averaged over
+    the seeds in which the class occurs (n/a: in none of them)."""
     present = [c for c in range(len(data.CLASS_NAMES))
                if any(not np.isnan(r["iou"][c]) for runs in results.values() for r in runs)]
     head = "| method | mIoU | " + " | ".join(data.CLASS_NAMES[c] for c in present) + " |"
     lines = [head, "|" + "---|" * (2 + len(present))]
     for method in methods:
-        runs = results[method]
-        miou = np.array([r["mIoU"] for r in runs])
-        per_class = np.nanmean(np.array([r["iou"] for r in runs], float), axis=0)
-        lines.append(f"| {method} | {miou.mean():.1f} ± {miou.std():.1f} | "
-                     + " | ".join(f"{per_class[c]:.1f}" for c in present) + " |")
-    lines.append(f"\ntoy-night val, {len(seeds)} seeds ({', '.join(map(str, seeds))}); std over seeds; "
-                 "per-class IoU averaged over seeds.")
+        miou = np.array([r["mIoU"] for r in results[method]])
+        ious = np.array([r["iou"] for r in results[method]], float)[:, present]
+        cells = [f"{np.nanmean(col):.1f}" if not np.isnan(col).all() else "n/a" for col in ious.T]
+        std = miou.std(ddof=1) if len(miou) > 1 else 0.0
+        lines.append(f"| {method} | {miou.mean():.1f} ± {std:.1f} | " + " | ".join(cells) + " |")
+    lines.append(f"\ntoy-night val mIoU (%), {len(seeds)} seeds ({', '.join(map(str, seeds))}): mean ± sample std; "
+                 "per-class IoU averaged over the seeds.")
     return "\n".join(lines)
 
 
@@ -59,13 +60,18 @@ def main(argv=None):
     results = {m: [] for m in args.methods}
     for method in args.methods:
         for seed in args.seeds:
-            run_dir = Path(args.out) / f"{method.replace('+', '-')}-s{seed}"
+            run_dir = Path(args.out).resolve() / f"{method.replace('+', '-')}-s{seed}"  # train.py runs elsewhere
             if final_eval(run_dir) is None:
                 resume = ["--resume"] if (run_dir / "ckpt.pt").exists() else []
                 cmd = [sys.executable, "train.py", "--source", "toy-day", "--target", "toy-night", "--seed",
                        str(seed), "--out", str(run_dir), *METHODS[method], *args.train_args.split(), *resume]
                 print("$", " ".join(cmd[1:]), flush=True)
-                subprocess.run(cmd, check=True, cwd=Path(__file__).parent)
+                try:
+                    subprocess.run(cmd, check=True, cwd=Path(__file__).parent)
+                except (subprocess.CalledProcessError, KeyboardInterrupt) as err:
+                    why = f"exit code {err.returncode}" if isinstance(err, subprocess.CalledProcessError) else "Ctrl-C"
+                    sys.exit(f"error: {method} seed {seed} stopped ({why}; train.py's message is above). Finished "
+                             f"runs are kept in {args.out}: the same command continues the table.")
             results[method].append(final_eval(run_dir))
     print(table(results, args.methods, args.seeds))
 

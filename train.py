@@ -303,23 +303,6 @@ def export(run, args, done):
     return dict(model=run["student"].state_dict(), model_config=run["student"].config, config=vars(args), step=done)
 
 
-def atomic_save(obj, path, keep_previous=False):
-    """torch.save to a temp file, then rename: a crash mid-write never leaves a half-written `path`. With
-    keep_previous, the file it replaces stays as *.prev.pt. A full disk or unwritable folder raises
-    ConfigError; nothing is lost."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(obj, tmp)
-        if keep_previous and path.exists():
-            os.replace(path, path.with_name(path.stem + ".prev.pt"))
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise ConfigError(f"could not write {path}: {err}. The previous checkpoint, if any, is intact; free disk "
-                          "space or choose another --out, then --resume.") from err
-
-
 def save_checkpoint(run, args, done, best):
     for name in ("student", "teacher", *TRAINED_AUX_MODULES):  # never write a NaN model over a good one
         module = run[name]
@@ -332,8 +315,8 @@ def save_checkpoint(run, args, done, best):
     state.update(optimizer=run["optimizer"].state_dict(), scaler=run["scaler"].state_dict(), best=best,
                  rng=dict(torch=torch.get_rng_state(), python=random.getstate(),
                           cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
-    atomic_save(state, Path(args.out) / "ckpt.pt", keep_previous=True)
-    atomic_save(weights, Path(args.out) / "model.pt")
+    models.atomic_save(state, Path(args.out) / "ckpt.pt", keep_previous=True)
+    models.atomic_save(weights, Path(args.out) / "model.pt")
 
 
 def load_checkpoint(run, args):
@@ -429,10 +412,8 @@ def train(args):
                               sec_per_iter=(time.time() - tick) / args.log_every, **values))
                 tick = time.time()
             if values and args.vis_every and done % args.vis_every == 0:
-                with torch.no_grad():  # eval mode: the picture must not move BatchNorm statistics
-                    pred = models.upsample(run["student"].eval()(x_tgt), x_tgt.shape[-2:]).argmax(1)
-                run["student"].train()
-                evaluation.save_training_picture(out / "vis" / f"step_{done:06d}.png", x_src, y_src, x_tgt, seen, pred)
+                evaluation.save_training_picture(out / "vis" / f"step_{done:06d}.png", run["student"], x_src, y_src,
+                                                 x_tgt, seen)
             if args.eval_every and (done % args.eval_every == 0 or done == args.iters):
                 result = evaluation.evaluate(run["student"], val, args.device, evaluation.DTYPES[args.dtype],
                                              args.source)
@@ -440,7 +421,7 @@ def train(args):
                 bar.write(f"step {done}: {val.name} {val.split} mIoU {result['mIoU']:.2f}")
                 if best is None or result["mIoU"] > best["mIoU"]:
                     best = dict(step=done, mIoU=result["mIoU"])
-                    atomic_save(export(run, args, done), out / "model_best.pt")
+                    models.atomic_save(export(run, args, done), out / "model_best.pt")
             if (args.ckpt_every and done % args.ckpt_every == 0) or done == stop or stop_signal:
                 save_checkpoint(run, args, done, best)
             if stop_signal:

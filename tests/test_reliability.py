@@ -103,14 +103,14 @@ def test_corrupt_checkpoint_is_named_and_the_previous_one_survives(tmp_path):
 
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    train.atomic_save({"step": 1}, path)
+    models.atomic_save({"step": 1}, path)
 
     def full(obj, f):
         Path(f).write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(train.ConfigError, match="No space left"):
-        train.atomic_save({"step": 2}, path)
+    with pytest.raises(models.WeightsError, match="No space left"):
+        models.atomic_save({"step": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no temp file left behind
