@@ -2,12 +2,13 @@
 size and inference time with and without MFM training, and data-loader throughput, measured in one process.
 
 Each mode is built with train.parse_args + train.build_run and timed through train.train_step on random tensors
-of the training shapes, so this times the code train.py runs (data loading excluded; it is measured apart, with
-data.py's loader benchmark). The paper's claims to check (METHOD.md §3): the Rebuilder exists only during
+of the training shapes, so this times the code train.py runs (data loading excluded; bench_loader measures it
+apart). The paper's claims to check (METHOD.md §3): the Rebuilder exists only during
 training, so the exported DeepLabV2 has the same parameters and inference time; our goals for the training
 overhead: DACS + MFM step <= 1.5x DACS and peak memory <= 1.15x DACS.
 
-    python bench.py                              # CPU: resnet18, 64 px crops, batch 2 + 2, fp32; a few minutes
+    python bench.py                              # CPU: resnet18, 64 px crops, batch 2 + 2, fp32; about a minute
+    python bench.py --backbone resnet101 --crop-size 512 --reps 2 --warmup 1 --no-loader  # paper shapes, CPU: ~10 min
     python bench.py --device cuda                # GPU: the paper's resnet101, 512 crops, batch 2 + 2, bf16
     python bench.py --device cuda --peak-tflops 756 --json h100pcie.json   # MFU against your GPU's peak
 
@@ -42,7 +43,7 @@ PEAK_BF16_TFLOPS = (("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("A100", 3
 GOALS = {"step_s": 1.5, "peak_bytes": 1.15}  # DACS + MFM / DACS, the targets
 CUDA_DEFAULTS = dict(backbone="resnet101", crop_size=512, dtype="bf16", reps=20, warmup=5, loader_n=32,
                      loader_workers=4)
-CPU_DEFAULTS = dict(backbone="resnet18", crop_size=64, dtype="fp32", reps=5, warmup=1, loader_n=8, loader_workers=0)
+CPU_DEFAULTS = dict(backbone="resnet18", crop_size=64, dtype="fp32", reps=20, warmup=5, loader_n=8, loader_workers=0)
 
 
 def parse_args(argv=None):

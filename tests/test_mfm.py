@@ -22,7 +22,8 @@ def small(**kw):
 
 def test_default_parameter_count():
     r = Rebuilder()
-    count = lambda m: sum(p.numel() for p in m.parameters())
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
     assert count(r) == 10_246_016
     assert count(r.embed) == 1_049_088
     assert count(r.blocks) + count(r.norm) == 6_305_792
@@ -128,7 +129,8 @@ def test_block_matches_explicit_attention():
     x = torch.randn(2, 7, 16)
     h = block.norm1(x)
     q, k, v = block.qkv(h).chunk(3, dim=-1)
-    split = lambda t: t.reshape(2, 7, 4, 4).transpose(1, 2)
+    def split(t):
+        return t.reshape(2, 7, 4, 4).transpose(1, 2)
     att = torch.softmax(split(q) @ split(k).transpose(-1, -2) / 2.0, dim=-1) @ split(v)
     y = x + block.proj(att.transpose(1, 2).reshape(2, 7, 16))
     y = y + block.mlp(block.norm2(y))
