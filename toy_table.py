@@ -4,7 +4,7 @@ Runs train.py once per (method, seed) with the toy defaults (CPU), skipping runs
 interrupted table continues where it stopped), then prints a markdown table from each run's final evaluation.
 
     python toy_table.py                                   # source-only, DACS, DACS + MFM; seeds 0 1 2
-    python toy_table.py --methods source-only dacs dacs+mfm dacs+mic dacs+cmim dacs+mfm+mic  # all rows (#6)
+    python toy_table.py --methods source-only dacs dacs+mfm dacs+mic dacs+cmim dacs+mfm+mic  # and the comparisons
 """
 import argparse
 import json
