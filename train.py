@@ -129,8 +129,7 @@ def resolve(args):
         raise ConfigError(f"--source {args.source} and --target {args.target} do not share a label space setup: "
                           "pair toy-day with toy-night, gta/synthia with cityscapes.")
     if args.recipe == "daformer":
-        for key, value in DAFORMER.items():
-            setattr(args, key, value)
+        vars(args).update(DAFORMER)
     args.mic_block = args.mic_block or max(1, args.crop_size // 16)
     aux = [] if args.no_mfm or args.source_only else [a for a in args.aux.split(",") if a not in ("", "none")]
     unknown = [a for a in aux if a not in AUXILIARIES]
@@ -298,8 +297,8 @@ def build_run(args, num_classes):
 
 
 def export(run, args, done):
-    """What inference needs: the student's weights and how to build it. No teacher, no Rebuilder.
-    done = iterations completed."""
+    """What inference needs after `done` iterations: the student's weights and how to build it (no teacher, no
+    Rebuilder)."""
     return dict(model=run["student"].state_dict(), model_config=run["student"].config, config=vars(args), step=done)
 
 
@@ -309,9 +308,8 @@ def save_checkpoint(run, args, done, best):
         if module is not None and not torch.stack([p.isfinite().all() for p in module.parameters()]).all():
             raise NonFiniteLoss(f"the {name} weights hold NaN/inf after {done} iterations; not saving them")
     weights = export(run, args, done)
-    state = dict(weights)
-    state.update({name: run[name].state_dict() if run[name] is not None else None
-                  for name in ("teacher", *TRAINED_AUX_MODULES)})
+    state = dict(weights, **{name: run[name].state_dict() if run[name] is not None else None
+                             for name in ("teacher", *TRAINED_AUX_MODULES)})
     state.update(optimizer=run["optimizer"].state_dict(), scaler=run["scaler"].state_dict(), best=best,
                  rng=dict(torch=torch.get_rng_state(), python=random.getstate(),
                           cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
@@ -395,9 +393,8 @@ def train(args):
     with signals_to_flag() as stop_signal:
         for step in bar:
             x_src, y_src = (t.to(device, non_blocking=True) for t in next(src_iter))
-            x_tgt, _ = next(tgt_iter)  # target labels are never used for training
-            x_src = x_src.contiguous(memory_format=channels_last)
-            x_tgt = x_tgt.to(device, non_blocking=True).contiguous(memory_format=channels_last)
+            x_tgt = next(tgt_iter)[0].to(device, non_blocking=True)  # target labels are never used for training
+            x_src, x_tgt = (x.contiguous(memory_format=channels_last) for x in (x_src, x_tgt))
             done = step + 1
             try:
                 values, seen = train_step(run, x_src, y_src, x_tgt, step, args)
@@ -443,8 +440,7 @@ def train(args):
 
 def main(argv=None):
     try:
-        args = parse_args(argv)
-        return train(args)
+        return train(parse_args(argv))
     except (ConfigError, data.DatasetError, models.WeightsError) as err:
         sys.exit(f"error: {err}")
     except NonFiniteLoss as err:
