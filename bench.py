@@ -111,8 +111,8 @@ def fresh_memory(device):
 
 def state_bytes(run, grads=True):
     """Bytes of the persistent training state: weights, buffers, AdamW moments and (with grads) gradients of
-    student, teacher and Rebuilder (exact on any device; activations are not included)."""
-    modules = [run[k] for k in ("student", "teacher", "rebuilder", "cmim_head") if run[k] is not None]
+    student, teacher and the training-only heads (exact on any device; activations are not included)."""
+    modules = [run[k] for k in ("student", "teacher", *train.TRAINED_AUX_MODULES) if run[k] is not None]
     tensors = [t for m in modules for t in itertools.chain(m.parameters(), m.buffers())]
     tensors += [p.grad for m in modules for p in m.parameters() if grads and p.grad is not None]
     tensors += [v for s in run["optimizer"].state.values() for v in s.values() if torch.is_tensor(v)]
@@ -155,13 +155,12 @@ def bench_training(name, extra, args, device, export_dir):
         train.train_step(run, x_src, y_src, x_tgt, next(steps), targs)
     result = repeat(step, device, args.warmup, args.reps)
     result["state_bytes"] = state_bytes(run)
-    kept = state_bytes(run, grads=False)  # what a step keeps from before it: zero_grad drops the gradients first
     with FlopCounterMode(display=False) as counter:  # one more step, after timing: the counters slow it down
         if device.type == "cuda":
             step()
             result["peak_bytes"] = torch.cuda.max_memory_allocated(device)
-        else:
-            result["peak_bytes"] = kept + cpu_peak_bytes(step)
+        else:  # what the step keeps from before it (zero_grad drops the gradients first) + what it allocates
+            result["peak_bytes"] = state_bytes(run, grads=False) + cpu_peak_bytes(step)
     result["flops"] = counter.get_total_flops()
     result["images_per_s"] = 2 * b / result["median_s"]  # source + target images
     result["hours_40k"] = 40_000 * result["median_s"] / 3600  # the paper's schedule

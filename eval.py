@@ -67,6 +67,7 @@ def save_training_picture(path, student, x_src, y_src, x_tgt, seen):
     with torch.no_grad():
         pred = models.upsample(student.eval()(x_tgt), x_tgt.shape[-2:]).argmax(1)
     student.train()
+
     def rgb(x):
         return (x.detach().float().clamp(0, 1) * 255).byte().permute(1, 2, 0).cpu().numpy()
     rows = []
