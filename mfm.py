@@ -19,6 +19,13 @@ Adding it to a self-training loop (teacher pseudo-labels `pl`, confidence weight
     loss = lambda_mfm * mfm_loss(student.decode, rebuilder, feats, pl, q)
     loss.backward()                                               # reaches encoder, decoder and Rebuilder
 
+A multi-level encoder (SegFormer / DAFormer MiT: 4 stages) passes its list of stages, shallowest first; only the
+deepest is embedded and masked, every stage gets its own projector (scales 8, 4, 2, 1), and the decoder gets the
+list back:
+
+    rebuilder = Rebuilder(in_channels=[64, 128, 320, 512])        # 14,545,280 parameters
+    loss = mfm_loss(daformer.decode, rebuilder, daformer.encode(x_tgt), pl, q)   # stages 128/64/32/16 at 512
+
 Defaults follow the paper (METHOD.md §3): C'=512, grid 16, depth 2, 16 heads, MLP ratio 4, mask ratio 0.4.
 """
 import torch
@@ -75,21 +82,33 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def projector(embed_dim, out_channels):
-    """Tokens as a (B, C', g, g) map -> (B, out_channels, 4g, 4g): two stride-2 transposed convs and a 1x1."""
-    return nn.Sequential(
-        nn.ConvTranspose2d(embed_dim, embed_dim // 2, 4, stride=2, padding=1),
-        LayerNorm2d(embed_dim // 2, eps=1e-6), nn.GELU(),
-        nn.ConvTranspose2d(embed_dim // 2, embed_dim // 4, 4, stride=2, padding=1),
-        nn.Conv2d(embed_dim // 4, out_channels, 1),
-        LayerNorm2d(out_channels, eps=1e-6))
+def projector(embed_dim, out_channels, scale=4):
+    """Tokens as a (B, C', g, g) map -> offset (B, out_channels, scale*g, scale*g), the released stacks:
+        s=8: ConvT(C'->C'/2) LN GELU ConvT(C'/2->C'/4) LN GELU ConvT(C'/4->C'/4) 1x1 LN
+        s=4: ConvT(C'->C'/2) LN GELU ConvT(C'/2->C'/4) 1x1 LN      (the single-level projector)
+        s=2: ConvT(C'->C'/2) 1x1 LN                                 (no LN/GELU after the only ConvT)
+        s=1: 1x1 LN
+    ConvT = stride-2 transposed conv (k4 p1); LN = channel LayerNorm, eps 1e-6; 1x1 maps to out_channels."""
+    if scale not in (1, 2, 4, 8):
+        raise ValueError(f"projector scale must be 1, 2, 4 or 8 (the released stacks), got {scale}")
+    layers, c = [], embed_dim
+    for i in range(scale.bit_length() - 1):  # log2(scale) ConvTs; LN + GELU between two, none after the last
+        if i:
+            layers += [LayerNorm2d(c, eps=1e-6), nn.GELU()]
+        layers.append(nn.ConvTranspose2d(c, c // 2 if i < 2 else c, 4, stride=2, padding=1))
+        c = layers[-1].out_channels
+    return nn.Sequential(*layers, nn.Conv2d(c, out_channels, 1), LayerNorm2d(out_channels, eps=1e-6))
 
 
 class Rebuilder(nn.Module):
     """Reconstructs the masked grid cells of an encoder feature map (training only).
 
-    in_channels: C of the feature map, or one C per level for multi-level encoders (SegFormer/DAFormer): then
-    forward takes a list of maps, embeds and masks the last one and returns a reconstructed list.
+    in_channels: C of the feature map (one projector, scale 4), or one C per level, shallowest first, for
+    multi-level encoders (SegFormer/DAFormer, up to 4 levels): then forward takes a list of maps, embeds and
+    masks only the last one, and level l of L gets its own projector of scale s_l = 2**(L-1-l) (8, 4, 2, 1 for
+    the four MiT stages: 128/64/32/16 at a 512 crop with g=16). One keep-mask serves every level.
+    *choice* for crops other than 512 (the release hard-codes 512): an offset whose size s_l*g differs from its
+    level's is resized bilinearly (align_corners=False) to that level's size, as in the single-level path.
     """
 
     def __init__(self, in_channels=2048, embed_dim=512, grid=16, depth=2, num_heads=16, mlp_ratio=4.0,
@@ -101,13 +120,16 @@ class Rebuilder(nn.Module):
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         self.multi_level = not isinstance(in_channels, int)
         channels = list(in_channels) if self.multi_level else [in_channels]
+        if not 1 <= len(channels) <= 4:
+            raise ValueError(f"in_channels: 1 to 4 levels (released projector scales 8, 4, 2, 1), got {in_channels}")
+        self.scales = [2 ** i for i in reversed(range(len(channels)))] if self.multi_level else [4]
         self.grid, self.mask_ratio = grid, mask_ratio
         self.embed = nn.Linear(channels[-1], embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim, 1, 1))
         self.register_buffer("pos_embed", sincos_pos_embed(embed_dim, grid).unsqueeze(0), persistent=False)
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim)
-        self.projectors = nn.ModuleList(projector(embed_dim, c) for c in channels)
+        self.projectors = nn.ModuleList(projector(embed_dim, c, s) for c, s in zip(channels, self.scales))
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -124,8 +146,9 @@ class Rebuilder(nn.Module):
     def embed_tokens(self, feats):
         """(B, C, h, w) -> (B, C', g, g). The paper embeds per position, then resizes bilinearly; both are
         linear and the resize weights sum to 1, so resizing first gives the same result at (g/h)^2 the cost."""
-        x = F.interpolate(feats, size=(self.grid, self.grid), mode="bilinear", align_corners=False)
-        return self.embed(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        if feats.shape[-2:] != (self.grid, self.grid):  # a MiT last stage at a 512 crop is already 16 x 16
+            feats = F.interpolate(feats, size=(self.grid, self.grid), mode="bilinear", align_corners=False)
+        return self.embed(feats.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
     def forward_transformer(self, x):
         """(B, C', g, g) -> (B, C', g, g): tokens + position embedding through the blocks and the final norm."""
@@ -139,6 +162,8 @@ class Rebuilder(nn.Module):
         """feats (B, C, h, w) [or list of levels] -> (f_rec like feats, mask (B, 1, h, w) of the last level,
         1 = masked). Visible positions are the input features themselves (gradient included)."""
         levels = list(feats) if self.multi_level else [feats]
+        if len(levels) != len(self.projectors):
+            raise ValueError(f"Rebuilder was built for {len(self.projectors)} levels (in_channels), got {len(levels)}")
         last = levels[-1]
         keep = self.random_masking(last.shape[0], last.device)
         x = self.embed_tokens(last)
@@ -147,8 +172,8 @@ class Rebuilder(nn.Module):
         x = self.forward_transformer(x)
         rebuilt = []
         for f, proj in zip(levels, self.projectors):
-            offset = proj(x)  # (B, C_l, 4g, 4g)
-            if offset.shape[-2:] != f.shape[-2:]:  # 4g == h for 512 crops; otherwise resize (choice)
+            offset = proj(x)  # (B, C_l, s_l*g, s_l*g)
+            if offset.shape[-2:] != f.shape[-2:]:  # s_l*g == h_l for 512 crops; otherwise resize (choice)
                 offset = F.interpolate(offset, size=f.shape[-2:], mode="bilinear", align_corners=False)
             m = F.interpolate(keep, size=f.shape[-2:], mode="nearest").to(f.dtype)
             rebuilt.append(f * m + offset.to(f.dtype) * (1 - m))

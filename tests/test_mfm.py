@@ -1,5 +1,7 @@
-"""mfm.py: parameter count (METHOD.md §3), shapes at any feature size, the fusion invariant, masking statistics,
-gradient flow, multi-level mode, and that the file stands alone."""
+"""mfm.py: parameter counts (METHOD.md §3, single- and multi-level), shapes at any feature size, the released
+projectors against stacks written from METHOD.md, the fusion invariant, that masked input cells cannot leak,
+one mask for tokens and fusion, masking statistics, gradient flow, the loss against a hand computation, and that
+the file stands alone."""
 import os
 import subprocess
 import sys
@@ -14,6 +16,13 @@ import mfm
 from mfm import Rebuilder, mfm_loss, weighted_cross_entropy
 
 
+MIT = [64, 128, 320, 512]  # MiT-B5 stage channels (SegFormer / DAFormer)
+
+
+def count(m):
+    return sum(p.numel() for p in m.parameters())
+
+
 def small(**kw):
     args = dict(in_channels=32, embed_dim=32, grid=4, depth=2, num_heads=4)
     args.update(kw)
@@ -22,8 +31,6 @@ def small(**kw):
 
 def test_default_parameter_count():
     r = Rebuilder()
-    def count(m):
-        return sum(p.numel() for p in m.parameters())
     assert count(r) == 10_246_016
     assert count(r.embed) == 1_049_088
     assert count(r.blocks) + count(r.norm) == 6_305_792
@@ -98,6 +105,122 @@ def test_multi_level_mode():
         assert not torch.allclose(g[m == 1], f[m == 1])
 
 
+def test_released_multi_level_parameter_count():
+    r = Rebuilder(in_channels=MIT)
+    assert count(r) == 14_545_280
+    assert count(r.embed) == 262_656 and r.mask_token.numel() == 512
+    assert count(r.blocks) + count(r.norm) == 6_305_792
+    assert [count(p) for p in r.projectors] == [2_893_248, 2_639_104, 2_180_288, 263_680]
+
+
+@pytest.mark.parametrize("sizes", [[128, 64, 32, 16], [160, 80, 40, 20]])  # a 512 crop, a 640 crop
+def test_multi_level_shapes_at_mit_geometry(sizes):
+    torch.manual_seed(0)
+    r = Rebuilder(in_channels=MIT, embed_dim=32, grid=16, num_heads=4)
+    levels = [torch.randn(1, c, s, s) for c, s in zip(MIT, sizes)]
+    with torch.no_grad():
+        tokens = torch.zeros(1, 32, 16, 16)
+        assert [p(tokens).shape[-2:] for p in r.projectors] == [(128, 128), (64, 64), (32, 32), (16, 16)]
+        rec, mask = r(levels)
+    assert [t.shape for t in rec] == [t.shape for t in levels]
+    assert mask.shape == (1, 1, sizes[-1], sizes[-1])
+
+
+@pytest.mark.parametrize("n, scales", [(1, [1]), (2, [2, 1]), (3, [4, 2, 1]), (4, [8, 4, 2, 1])])
+def test_level_scale_is_fixed_by_position(n, scales):
+    r = Rebuilder(in_channels=[8] * n, embed_dim=16, grid=2, num_heads=2)
+    with torch.no_grad():
+        assert [p(torch.zeros(1, 16, 2, 2)).shape[-1] for p in r.projectors] == [2 * s for s in scales]
+
+
+class ChannelNorm(nn.Module):
+    """Independent channel LayerNorm for the reference stacks: normalise over dim 1 by hand."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c))
+
+    def forward(self, x):
+        mu, var = x.mean(1, keepdim=True), x.var(1, unbiased=False, keepdim=True)
+        return (x - mu) / torch.sqrt(var + 1e-6) * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+def released_projector(d, c, s):
+    """METHOD.md §3's list of the released projectors, written out layer by layer."""
+    def up(i, o):
+        return nn.ConvTranspose2d(i, o, 4, stride=2, padding=1)
+    return {8: lambda: nn.Sequential(up(d, d // 2), ChannelNorm(d // 2), nn.GELU(), up(d // 2, d // 4),
+                                     ChannelNorm(d // 4), nn.GELU(), up(d // 4, d // 4), nn.Conv2d(d // 4, c, 1),
+                                     ChannelNorm(c)),
+            4: lambda: nn.Sequential(up(d, d // 2), ChannelNorm(d // 2), nn.GELU(), up(d // 2, d // 4),
+                                     nn.Conv2d(d // 4, c, 1), ChannelNorm(c)),
+            2: lambda: nn.Sequential(up(d, d // 2), nn.Conv2d(d // 2, c, 1), ChannelNorm(c)),
+            1: lambda: nn.Sequential(nn.Conv2d(d, c, 1), ChannelNorm(c))}[s]()
+
+
+def test_projectors_equal_the_released_stacks():
+    """Copy our weights (by order, shapes checked) into stacks built from METHOD.md's list; same outputs."""
+    torch.manual_seed(0)
+    r = Rebuilder(in_channels=[8, 16, 24, 40], embed_dim=32, grid=4, num_heads=4)
+    x = torch.randn(2, 32, 4, 4)
+    for ours, c, s in zip(r.projectors, [8, 16, 24, 40], [8, 4, 2, 1]):
+        ref = released_projector(32, c, s)
+        ours_state, ref_state = list(ours.state_dict().values()), list(ref.state_dict().values())
+        assert [t.shape for t in ours_state] == [t.shape for t in ref_state]
+        with torch.no_grad():
+            for a in ours_state:
+                a.copy_(torch.randn_like(a))  # non-trivial LayerNorm affine too
+            for a, b in zip(ours_state, ref_state):
+                b.copy_(a)
+            assert torch.allclose(ours(x), ref(x), atol=1e-5), s
+    assert count(r.projectors[1]) == count(Rebuilder(in_channels=16, embed_dim=32, grid=4, num_heads=4).projectors)
+
+
+def isolation_setup(levels):
+    """A Rebuilder and features whose grid cells align with every level (cell = 4, 2, 1 feature pixels)."""
+    torch.manual_seed(0)
+    if levels == 1:
+        return small(grid=4), torch.randn(2, 32, 16, 16)
+    r = Rebuilder(in_channels=[8, 16, 32], embed_dim=32, grid=4, num_heads=4)
+    return r, [torch.randn(2, c, s, s) for c, s in zip([8, 16, 32], [16, 8, 4])]
+
+
+@pytest.mark.parametrize("levels", [1, 3])
+def test_masked_cells_of_the_input_cannot_reach_the_output(levels, monkeypatch):
+    """Changing the features only inside masked cells changes nothing: neither the reconstruction (the
+    transformer sees the mask token there) nor the visible features. Changing visible cells does."""
+    r, feats = isolation_setup(levels)
+    keep = fixed_keep(r, monkeypatch, 2)
+    many = feats if levels > 1 else [feats]
+    visible = [cells_to_pixels(keep, f.shape[-1]).expand_as(f) for f in many]  # 1 = visible pixel
+    moved_masked = [f + (1 - v) * 100 * torch.randn_like(f) for f, v in zip(many, visible)]
+    moved_visible = [f + v * torch.randn_like(f) for f, v in zip(many, visible)]
+    with torch.no_grad():
+        outs = [r(x if levels > 1 else x[0])[0] for x in (many, moved_masked, moved_visible)]
+    outs = [o if levels > 1 else [o] for o in outs]
+    assert all(torch.equal(a, b) for a, b in zip(outs[0], outs[1]))
+    hidden = visible[-1] == 0
+    assert not torch.allclose(outs[0][-1][hidden], outs[2][-1][hidden])  # the reconstruction reads visible cells
+
+
+@pytest.mark.parametrize("levels", [1, 3])
+def test_transformer_sees_the_mask_token_exactly_on_the_returned_mask(levels):
+    """The token mask and the fusion mask are one draw: the tokens entering the first block equal
+    mask_token + position embedding on the cells the returned mask marks, and only there."""
+    r, feats = isolation_setup(levels)
+    seen = []
+    r.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    with torch.no_grad():
+        _, mask = r(feats)
+    tokens = seen[0]  # (B, g*g, C')
+    k = mask.shape[-1] // r.grid
+    cells = mask[:, 0, ::k, ::k].reshape(2, -1).bool()  # (B, g*g) 1 = masked
+    filled = r.mask_token.detach().reshape(1, 1, -1) + r.pos_embed  # (1, g*g, C')
+    same = (tokens == filled).all(-1)  # (B, g*g)
+    assert cells.any() and (~cells).any()
+    assert torch.equal(same, cells)
+
+
 def test_embedding_order_is_equivalent_to_the_papers():
     """Embed-then-resize (paper) equals resize-then-embed (ours): both maps are linear, resize weights sum to 1."""
     torch.manual_seed(0)
@@ -156,14 +279,47 @@ def test_weighted_cross_entropy_matches_numpy_and_ignores_255():
     assert weighted_cross_entropy(changed, label, weight).item() == pytest.approx(got)
 
 
-def test_mfm_loss_upsamples_and_returns_mask():
+def fixed_keep(rebuilder, monkeypatch, batch, seed=0):
+    """Replace the random grid mask by a seeded one with both kinds of cells; returns keep (B, 1, g, g)."""
+    g = torch.Generator().manual_seed(seed)
+    keep = (torch.rand(batch, 1, rebuilder.grid, rebuilder.grid, generator=g) >= 0.4).float()
+    assert 0 < keep.mean() < 1
+    monkeypatch.setattr(rebuilder, "random_masking", lambda b, device: keep)
+    return keep
+
+
+def cells_to_pixels(keep, h):
+    """(B, 1, g, g) -> (B, 1, h, h) by repeating each cell h/g times (nearest resize, written out)."""
+    k = h // keep.shape[-1]
+    return keep.repeat_interleave(k, dim=-2).repeat_interleave(k, dim=-1)
+
+
+def test_mfm_loss_matches_a_hand_computation(monkeypatch):
+    """Hand-fused features -> decoder -> bilinear upsample -> CE * per-pixel weight, averaged over ALL pixels
+    (ignored ones count 0), in float64 with log-softmax written out."""
     torch.manual_seed(0)
-    r = small()
-    decoder = nn.Conv2d(32, 3, 1)
-    feats = torch.randn(1, 32, 8, 8)
-    label = torch.full((1, 64, 64), 255)
-    loss, mask = mfm_loss(decoder, r, feats, label, 1.0, return_mask=True)
-    assert loss.item() == 0.0 and mask.shape == (1, 1, 8, 8)
+    r, decoder = small(grid=4), nn.Conv2d(32, 3, 1)
+    feats = torch.randn(2, 32, 8, 8)
+    label = torch.randint(0, 3, (2, 32, 32))
+    label[0, :5] = 255
+    weight = torch.rand(2, 32, 32)
+    keep = fixed_keep(r, monkeypatch, 2)
+    loss, mask = mfm_loss(decoder, r, feats, label, weight, return_mask=True)
+
+    with torch.no_grad():
+        tokens = torch.where(keep.bool(), r.embed_tokens(feats), r.mask_token)
+        offset = r.projectors[0](r.forward_transformer(tokens))  # (2, 32, 16, 16), resized to 8x8 below
+        offset = F.interpolate(offset, size=(8, 8), mode="bilinear", align_corners=False)
+        m = cells_to_pixels(keep, 8)
+        logits = decoder(torch.where(m.bool(), feats, offset))
+        logits = F.interpolate(logits, size=(32, 32), mode="bilinear", align_corners=False).double()
+    logp = logits - logits.exp().sum(1, keepdim=True).log()
+    valid = label != 255
+    nll = -logp.gather(1, label.clamp(max=2)[:, None])[:, 0]
+    expected = (nll * weight.double() * valid).sum() / label.numel()
+    assert valid.any() and (~valid).any() and 0 < weight.min() < weight.max() < 1
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert torch.equal(mask, 1 - m)
 
 
 def test_bad_arguments():
@@ -171,6 +327,10 @@ def test_bad_arguments():
         Rebuilder(mask_ratio=1.0)
     with pytest.raises(ValueError, match="num_heads"):
         Rebuilder(embed_dim=100, num_heads=16)
+    with pytest.raises(ValueError, match="in_channels"):
+        Rebuilder(in_channels=[8, 8, 8, 8, 8])
+    with pytest.raises(ValueError, match="levels"):
+        Rebuilder(in_channels=[8, 16], embed_dim=16, grid=2, num_heads=2)([torch.randn(1, 16, 2, 2)])
 
 
 def test_imports_alone_with_only_torch(tmp_path):
