@@ -1,19 +1,31 @@
-"""DeepLabV2 with a dilated ResNet backbone: the segmentation network of the MFM paper's DACS experiments.
+"""The two segmentation networks of the MFM paper (arXiv 2509.13801), split into encoder and decoder for MFM.
 
-METHOD.md §2. A torchvision ResNet with layer3/layer4 dilated (2, 4) instead of strided (output stride 8, so a
-512x512 crop gives a 2048x64x64 feature map) and the DeepLabV2 "ASPP classifier": parallel dilated 3x3 convs
-whose outputs are summed. The network is split the way MFM needs it (arXiv 2509.13801, Fig. 2):
+DeepLabV2 (METHOD.md §2; the paper's DACS rows, GTA→CS 55.9 / SYN→CS 55.8 with MFM): a ResNet with layer3/layer4
+dilated (2, 4) instead of strided (output stride 8: a 512 crop gives a 2048x64x64 map) and the DeepLabV2 "ASPP
+classifier" (parallel dilated 3x3 convs, summed). Backbone "resnet101-v1c" is the benchmark code bases' ResNetV1c
+(three 3x3 convs in the stem, open-mmlab's ImageNet weights); "resnet101"/"resnet50" are torchvision's;
+"resnet18" is our CPU toy, not the paper's.
 
-    feats  = model.encode(x)        # f = E(x), (B, 2048, H/8, W/8); x is RGB in [0, 1]
-    logits = model.decode(feats)    # D(f),     (B, K, H/8, W/8)
+DAFormer (METHOD.md §7; the paper's MiT-B5 rows, DAFormer GTA→CS 68.3 -> 70.3 with MFM, also under HRDA/MIC):
+the SegFormer Mix Transformer encoder MiT-B0...B5 (4 stages, strides 4, 8, 16, 32; module names = the keys of the
+SegFormer ImageNet files `mit_bX.pth`, which users download themselves) and the DAFormer head (per-stage Linear
+embeddings fused by parallel dilated depthwise branches). Written from METHOD.md's facts, no SegFormer code.
+
+Both have one face, so the training loop, MFM (Fig. 2) and the auxiliaries never ask which one they hold:
+
+    model  = build_model(19, "mit_b5", pretrained="mit_b5.pth")   # or "resnet101-v1c", ...
+    feats  = model.encode(x)      # x RGB in [0, 1]; DeepLabV2: (B, 2048, H/8, W/8); DAFormer: 4 maps, H/4 ... H/32
+    logits = model.decode(feats)  # DeepLabV2: (B, K, H/8, W/8); DAFormer: (B, K, H/4, W/4)
     logits = upsample(logits, label.shape[-2:])
 
-Nothing here knows about the Rebuilder (mfm.py): it exists only during training.
+`feat_channels` is what mfm.Rebuilder(in_channels=...) takes, `feat_stride` the stride of the last map. Nothing
+here knows about the Rebuilder (mfm.py): it exists only during training.
 
-    python models.py                # prints parameter counts and output shapes
+    python models.py                # parameter counts and output shapes of every backbone (meta device, instant)
 """
 import argparse
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -21,9 +33,15 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB, the statistics torchvision's ImageNet weights were trained with
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB; torchvision's, open-mmlab's and SegFormer's ImageNet weights use them
 IMAGENET_STD = (0.229, 0.224, 0.225)
-BACKBONES = ("resnet101", "resnet50", "resnet18")  # resnet18: our addition for the CPU toy demo, not the paper's
+RESNETS = ("resnet101-v1c", "resnet101", "resnet50", "resnet18")  # resnet18: our CPU toy, not the paper's
+MITS = tuple(f"mit_b{i}" for i in range(6))
+BACKBONES = RESNETS + MITS
+V1C_URL = "https://download.openmmlab.com/pretrain/third_party/resnet101_v1c-e67eebb6.pth"
+MIT_DEPTHS = dict(mit_b0=(2, 2, 2, 2), mit_b1=(2, 2, 2, 2), mit_b2=(3, 4, 6, 3), mit_b3=(3, 4, 18, 3),
+                  mit_b4=(3, 8, 27, 3), mit_b5=(3, 6, 40, 3))
+MIT_HEADS, MIT_SR = (1, 2, 5, 8), (8, 4, 2, 1)  # all variants; MLP ratio 4 (METHOD.md §7)
 
 
 class WeightsError(Exception):
@@ -38,10 +56,34 @@ def upsample(logits, size):
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
+class _EncoderDecoder(nn.Module):
+    """The face both networks share; subclasses set `backbone` (the encoder) and `head` (the decoder)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def encode(self, x):
+        """Images (B, 3, H, W), RGB in [0, 1], normalised here -> DeepLabV2: f (B, C, H/8, W/8); DAFormer:
+        [(B, C_i, H/s_i, W/s_i)], s = 4, 8, 16, 32 (ceil)."""
+        return self.backbone((x - self.mean) / self.std)
+
+    def decode(self, feats):
+        """encode's output -> logits, DeepLabV2 (B, K, H/8, W/8), DAFormer (B, K, H/4, W/4). MFM runs this on
+        the reconstructed features."""
+        return self.head(feats)
+
+    def forward(self, x):
+        return self.decode(self.encode(x))
+
+
+# ---------------------------------------------------------------- DeepLabV2 (ResNet)
 def _dilated_resnet(name):
     """Torchvision ResNet, fc/avgpool removed later, with layer3/layer4 dilated (2, 4): output stride 8."""
-    if name in ("resnet50", "resnet101"):
-        return getattr(torchvision.models, name)(weights=None, replace_stride_with_dilation=[False, True, True])
+    if name != "resnet18":  # resnet50, resnet101 and resnet101-v1c (whose stem DeepLabV2 replaces)
+        resnet = getattr(torchvision.models, name.removesuffix("-v1c"))
+        return resnet(weights=None, replace_stride_with_dilation=[False, True, True])
     # torchvision refuses dilation in BasicBlock, so resnet18 is built strided and converted in place.
     net = torchvision.models.resnet18(weights=None)
     for layer, dilation in ((net.layer3, 2), (net.layer4, 4)):
@@ -51,6 +93,17 @@ def _dilated_resnet(name):
                 if module.kernel_size == (3, 3):
                     module.dilation, module.padding = (dilation, dilation), (dilation, dilation)
     return net
+
+
+def _v1c_stem():
+    """ResNetV1c stem: 3x3 conv + BN + ReLU three times, 3->32 (stride 2)->32->64. Conv/BN at indices 0/1, 3/4,
+    6/7, as open-mmlab's `stem.*` keys; init as torchvision's ResNet convs (kaiming fan-out)."""
+    layers = []
+    for cin, cout, stride in ((3, 32, 2), (32, 32, 1), (32, 64, 1)):
+        conv = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        layers += [conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
 
 
 class ASPPClassifier(nn.Module):
@@ -68,32 +121,27 @@ class ASPPClassifier(nn.Module):
         return sum(conv(feats) for conv in self.convs)
 
 
-class DeepLabV2(nn.Module):
+class DeepLabV2(_EncoderDecoder):
+    """backbone: the torchvision layout as nn.Sequential(conv1, bn1, relu, maxpool, layer1..4) (indices 0..7,
+    as its existing checkpoints); for resnet101-v1c named (stem, maxpool, layer1..4), as open-mmlab's keys."""
+    feat_stride = 8
+
     def __init__(self, num_classes=19, backbone="resnet101", aspp_dilations=(6, 12), pretrained=None):
         super().__init__()
-        if backbone not in BACKBONES:
-            raise WeightsError(f"--backbone {backbone!r} is not supported; choose one of {', '.join(BACKBONES)}.")
+        if backbone not in RESNETS:
+            raise WeightsError(f"--backbone {backbone!r} is no DeepLabV2 backbone; choose one of {', '.join(RESNETS)}.")
         self.config = dict(num_classes=num_classes, backbone=backbone, aspp_dilations=tuple(aspp_dilations))
         net = _dilated_resnet(backbone)
-        self.backbone = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool,
-                                      net.layer1, net.layer2, net.layer3, net.layer4)
+        if backbone == "resnet101-v1c":
+            self.backbone = nn.Sequential(OrderedDict(stem=_v1c_stem(), maxpool=net.maxpool, layer1=net.layer1,
+                                                      layer2=net.layer2, layer3=net.layer3, layer4=net.layer4))
+        else:
+            self.backbone = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool,
+                                          net.layer1, net.layer2, net.layer3, net.layer4)
         self.feat_channels = net.fc.in_features  # 2048 for resnet50/101, 512 for resnet18
         self.head = ASPPClassifier(self.feat_channels, num_classes, aspp_dilations)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         if pretrained not in (None, "none"):
             load_pretrained(self, pretrained)
-
-    def encode(self, x):
-        """Images (B, 3, H, W), RGB in [0, 1] -> last encoder feature f (B, C, H/8, W/8)."""
-        return self.backbone((x - self.mean) / self.std)
-
-    def decode(self, feats):
-        """Features (B, C, h, w) -> logits (B, K, h, w). MFM runs this on the reconstructed features."""
-        return self.head(feats)
-
-    def forward(self, x):
-        return self.decode(self.encode(x))
 
     def param_groups(self, lr):
         """Optimizer groups: backbone at lr, head at 10x lr (METHOD.md §4)."""
@@ -101,11 +149,208 @@ class DeepLabV2(nn.Module):
                 dict(params=list(self.head.parameters()), lr=10 * lr, name="head")]
 
 
+# ---------------------------------------------------------------- DAFormer (MiT encoder + DAFormer head)
+class DropPath(nn.Module):
+    """Stochastic depth: in training, a residual branch is zeroed for whole samples with probability p and the
+    kept samples are scaled by 1/(1-p) (so the expectation is unchanged); identity in eval mode."""
+
+    def __init__(self, p=0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - self.p)
+        return x * keep / (1.0 - self.p)
+
+
+def _to_map(tokens, h, w):
+    """(B, h*w, C) -> (B, C, h, w)"""
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
+
+
+def _to_tokens(x):
+    """(B, C, h, w) -> (B, h*w, C)"""
+    return x.flatten(2).transpose(1, 2)
+
+
+class OverlapPatchEmbed(nn.Module):
+    """Conv2d(k, stride s, padding k//2) -> tokens -> LayerNorm eps 1e-5: (B, C_in, H, W) -> (B, h*w, C), h, w."""
+
+    def __init__(self, in_channels, dim, kernel, stride):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, dim, kernel, stride, kernel // 2)
+        self.norm = nn.LayerNorm(dim, eps=1e-5)
+
+    def forward(self, x):
+        x = self.proj(x)
+        return self.norm(_to_tokens(x)), x.shape[2], x.shape[3]
+
+
+class EfficientAttention(nn.Module):
+    """Multi-head attention whose keys/values come from the map shrunk by a stride-`sr` conv (+ LayerNorm eps
+    1e-5) when sr > 1. Scale head_dim ** -0.5 (SDPA's default). (B, N, C) -> (B, N, C)."""
+
+    def __init__(self, dim, num_heads, sr):
+        super().__init__()
+        self.num_heads, self.sr_ratio = num_heads, sr
+        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+        if sr > 1:
+            self.sr = nn.Conv2d(dim, dim, sr, sr)
+            self.norm = nn.LayerNorm(dim, eps=1e-5)
+
+    def forward(self, x, h, w):
+        B, N, C = x.shape
+        q = self.q(x).view(B, N, self.num_heads, -1).transpose(1, 2)  # (B, nh, N, hd)
+        if self.sr_ratio > 1:
+            x = self.norm(_to_tokens(self.sr(_to_map(x, h, w))))  # (B, N / sr^2, C)
+        k, v = self.kv(x).view(B, x.shape[1], 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # k: first C channels
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
+
+
+class MixFFN(nn.Module):
+    """fc1 C->4C -> depthwise 3x3 on the map (MiT's only position cue) -> GELU -> fc2 4C->C: (B, N, C) -> same."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.dwconv = nn.ModuleDict({"dwconv": nn.Conv2d(hidden, hidden, 3, 1, 1, groups=hidden)})  # key: dwconv.dwconv
+
+    def forward(self, x, h, w):
+        return self.fc2(F.gelu(_to_tokens(self.dwconv["dwconv"](_to_map(self.fc1(x), h, w)))))
+
+
+class MiTBlock(nn.Module):
+    """Pre-norm (eps 1e-6): x += DropPath(Attn(norm1(x))); x += DropPath(MixFFN(norm2(x)))."""
+
+    def __init__(self, dim, num_heads, sr, drop_path):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.attn, self.mlp = EfficientAttention(dim, num_heads, sr), MixFFN(dim, 4 * dim)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x, h, w):
+        x = x + self.drop_path(self.attn(self.norm1(x), h, w))
+        return x + self.drop_path(self.mlp(self.norm2(x), h, w))
+
+
+def _init_weights(module):
+    """*choice* (the sources' init does not matter once ImageNet weights are loaded; this is the usual
+    transformer one): Linear trunc-normal(0.02) with zero bias; LayerNorm 1/0; convs normal with std
+    sqrt(2 / fan_out), fan_out = k*k*C_out/groups, zero bias; BatchNorm keeps PyTorch's 1/0."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+        elif isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+            nn.init.normal_(m.weight, 0.0, (2.0 / fan_out) ** 0.5)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.LayerNorm)) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+class MiT(nn.Module):
+    """Mix Transformer encoder MiT-B0...B5. Stage i (1..4): patch_embed{i} (7x7 stride 4, then 3x3 stride 2) ->
+    block{i}.* -> norm{i} (eps 1e-6) -> map. (B, 3, H, W) -> [(B, C_i, ceil(H/s_i), ceil(W/s_i))], s = 4, 8, 16, 32.
+    Drop-path rates rise linearly from 0 to drop_path over all blocks."""
+
+    def __init__(self, variant="mit_b5", drop_path=0.1):
+        super().__init__()
+        if variant not in MIT_DEPTHS:
+            raise WeightsError(f"unknown MiT variant {variant!r}; choose one of {', '.join(MITS)}.")
+        depths = MIT_DEPTHS[variant]
+        self.channels = [32, 64, 160, 256] if variant == "mit_b0" else [64, 128, 320, 512]
+        n = sum(depths)
+        rates = iter(drop_path * k / max(n - 1, 1) for k in range(n))  # plain floats: works on the meta device
+        for i, (dim, depth) in enumerate(zip(self.channels, depths), start=1):
+            cin, kernel, stride = (3, 7, 4) if i == 1 else (self.channels[i - 2], 3, 2)
+            setattr(self, f"patch_embed{i}", OverlapPatchEmbed(cin, dim, kernel, stride))
+            setattr(self, f"block{i}", nn.ModuleList(
+                MiTBlock(dim, MIT_HEADS[i - 1], MIT_SR[i - 1], next(rates)) for _ in range(depth)))
+            setattr(self, f"norm{i}", nn.LayerNorm(dim, eps=1e-6))
+        _init_weights(self)
+
+    def forward(self, x):
+        feats = []
+        for i in range(1, 5):
+            x, h, w = getattr(self, f"patch_embed{i}")(x)
+            for block in getattr(self, f"block{i}"):
+                x = block(x, h, w)
+            x = _to_map(getattr(self, f"norm{i}")(x), h, w)
+            feats.append(x)
+        return feats
+
+
+def _conv_bn_relu(cin, cout, kernel=1, dilation=1, groups=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=dilation * (kernel // 2), dilation=dilation,
+                                   groups=groups, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class DAFormerHead(nn.Module):
+    """Per stage Linear C_i->embed; stages 2-4 resized to stage 1; concat; fusion = 1x1 branch + three depthwise
+    3x3 branches (dilation 6, 12, 18) each -> 1x1, concat; 3x3 bottleneck; Dropout2d(0.1); 1x1 classifier."""
+
+    def __init__(self, in_channels, num_classes, embed=256):
+        super().__init__()
+        self.embed = nn.ModuleList(nn.Linear(c, embed) for c in in_channels)
+        cat = embed * len(in_channels)
+        self.fusion = nn.ModuleList([_conv_bn_relu(cat, embed)] + [
+            nn.Sequential(_conv_bn_relu(cat, cat, 3, d, groups=cat), _conv_bn_relu(cat, embed)) for d in (6, 12, 18)])
+        self.bottleneck = _conv_bn_relu(embed * len(self.fusion), embed, 3)
+        self.dropout = nn.Dropout2d(0.1)
+        self.classifier = nn.Conv2d(embed, num_classes, 1)
+        _init_weights(self)
+        nn.init.normal_(self.classifier.weight, 0.0, 0.01)  # DAFormer's classifier init
+
+    def forward(self, feats):
+        """[(B, C_i, h_i, w_i)] -> logits (B, K, h_1, w_1)"""
+        size = feats[0].shape[-2:]
+        x = torch.cat([upsample(_to_map(embed(_to_tokens(f)), *f.shape[-2:]), size)
+                       for embed, f in zip(self.embed, feats)], dim=1)
+        x = torch.cat([branch(x) for branch in self.fusion], dim=1)
+        return self.classifier(self.dropout(self.bottleneck(x)))
+
+
+class DAFormer(_EncoderDecoder):
+    """MiT encoder (`backbone`) + DAFormer head (`head`). encode: 4 maps at strides 4..32; decode: stride 4."""
+    feat_stride = 32
+
+    def __init__(self, num_classes=19, backbone="mit_b5", pretrained=None, drop_path=0.1):
+        super().__init__()
+        self.config = dict(num_classes=num_classes, backbone=backbone, drop_path=drop_path)
+        self.backbone = MiT(backbone, drop_path)
+        self.feat_channels = list(self.backbone.channels)
+        self.head = DAFormerHead(self.feat_channels, num_classes)
+        if pretrained not in (None, "none"):
+            load_pretrained(self, pretrained)
+
+    def param_groups(self, lr):
+        """DAFormer's rules (METHOD.md §7): encoder at lr; its LayerNorms (names containing "norm") without
+        weight decay; head at 10x lr."""
+        named = list(self.backbone.named_parameters())
+        return [dict(params=[p for n, p in named if "norm" not in n], lr=lr, name="backbone"),
+                dict(params=[p for n, p in named if "norm" in n], lr=lr, weight_decay=0.0, name="backbone_norm"),
+                dict(params=list(self.head.parameters()), lr=10 * lr, name="head")]
+
+
+def build_model(num_classes=19, backbone="resnet101-v1c", pretrained=None, **kw):
+    """DeepLabV2 for a ResNet (kw: aspp_dilations), DAFormer for a MiT (kw: drop_path). build_model(**m.config)
+    rebuilds m."""
+    if backbone in MITS:
+        return DAFormer(num_classes, backbone, pretrained, **kw)
+    if backbone in RESNETS:
+        return DeepLabV2(num_classes, backbone, pretrained=pretrained, **kw)
+    raise WeightsError(f"--backbone {backbone!r} is not supported; choose one of {', '.join(BACKBONES)}.")
+
+
+# ---------------------------------------------------------------- weights and checkpoints
 def _torch_load(path):
     path = Path(path)
     if not path.is_file():
-        raise WeightsError(f"weights file {path} does not exist. Pass a torchvision ResNet state dict (.pth), "
-                           "a model.pt/ckpt.pt written by train.py, 'imagenet' or 'none'.")
+        raise WeightsError(f"weights file {path} does not exist. Pass a torchvision/open-mmlab ResNet or SegFormer "
+                           "mit_bX.pth state dict, a model.pt/ckpt.pt written by train.py, 'imagenet' or 'none'.")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated zip, a pickle of arbitrary objects, not a torch file at all, ...
@@ -114,8 +359,10 @@ def _torch_load(path):
 
 
 def _load_strict(module, state, what, source):
-    """load_state_dict that names missing / unexpected / wrongly shaped keys in a WeightsError."""
+    """load_state_dict that names missing / unexpected / wrongly shaped keys in a WeightsError. BatchNorm's
+    num_batches_tracked may be absent (older files; PyTorch's own loader allows it): the model's value stays."""
     own = module.state_dict()
+    state = {**{k: v for k, v in own.items() if k.endswith("num_batches_tracked")}, **state}
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
@@ -129,34 +376,53 @@ def _load_strict(module, state, what, source):
     module.load_state_dict(state)
 
 
-def load_pretrained(model, pretrained):
-    """Initialise `model` from 'imagenet' (torchvision's weights) or a file: a torchvision ResNet state dict
-    (backbone only) or a checkpoint of ours (model.pt / ckpt.pt: the whole network)."""
-    rename = {"conv1": "0", "bn1": "1", "layer1": "4", "layer2": "5", "layer3": "6", "layer4": "7"}
-    if pretrained == "imagenet":
-        weights = torchvision.models.get_model_weights(model.config["backbone"]).IMAGENET1K_V1
-        try:
-            state = weights.get_state_dict(progress=True)
-        except Exception as err:  # offline: URLError, socket errors, ... all mean "no download"
-            raise WeightsError(
-                f"could not download torchvision's ImageNet weights for {model.config['backbone']} ({err}). "
-                f"Offline, download {weights.url} elsewhere and pass the file: --pretrained PATH, "
-                "or train from scratch with --pretrained none.") from err
-        source = f"torchvision {weights}"
+def _imagenet_state(backbone):
+    """Download (or take from torch's hub cache) a ResNet's ImageNet weights -> (state dict, URL). MiT: an error
+    saying where to get them."""
+    if backbone in MITS:
+        raise WeightsError(
+            f"the SegFormer ImageNet weights of {backbone} cannot be downloaded automatically. Get {backbone}.pth "
+            "from the links in the SegFormer (github.com/NVlabs/SegFormer) or DAFormer (github.com/lhoyer/DAFormer) "
+            f"README and pass --pretrained PATH/{backbone}.pth, or train from scratch with --pretrained none.")
+    if backbone == "resnet101-v1c":
+        url, get = V1C_URL, lambda: torch.hub.load_state_dict_from_url(V1C_URL, map_location="cpu", check_hash=True)
     else:
-        state = _torch_load(pretrained)
-        source = str(pretrained)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):  # our checkpoints
-        _load_strict(model, state["model"], "model (check --backbone and the number of classes)", source)
-        return
+        weights = torchvision.models.get_model_weights(backbone).IMAGENET1K_V1
+        url, get = weights.url, lambda: weights.get_state_dict(progress=True)
+    try:
+        return get(), url
+    except Exception as err:  # offline: URLError, socket errors, a bad hash, ... all mean "no usable download"
+        raise WeightsError(f"could not download the ImageNet weights for {backbone} ({err}). Offline, download "
+                           f"{url} elsewhere and pass the file: --pretrained PATH, or train from scratch with "
+                           "--pretrained none.") from err
+
+
+def load_pretrained(model, pretrained):
+    """Initialise `model` from 'imagenet' or a file: a checkpoint of ours (model.pt / ckpt.pt: the whole network),
+    or encoder weights: torchvision's ResNet state dict, open-mmlab's resnet101_v1c file (under `state_dict`),
+    SegFormer's mit_bX.pth (flat; its `head.*` dropped). Encoder files load strictly 1:1 into model.backbone."""
+    backbone = model.config["backbone"]
+    state, source = _imagenet_state(backbone) if pretrained == "imagenet" else (_torch_load(pretrained), pretrained)
+    source = str(source)
     if not isinstance(state, dict):
         raise WeightsError(f"{source} holds a {type(state).__name__}, expected a state dict.")
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the ImageNet classifier is unused
-    ours = {}  # torchvision names -> our nn.Sequential indices
-    for key, value in state.items():
-        top, _, rest = key.partition(".")
-        ours[f"{rename[top]}.{rest}" if top in rename else key] = value
-    _load_strict(model.backbone, ours, f"{model.config['backbone']} backbone", source)
+    if "model" in state and "model_config" in state:  # our checkpoints
+        _load_strict(model, state["model"], "model (check --backbone and the number of classes)", source)
+        return
+    for wrapper in ("state_dict", "model"):  # open-mmlab files, some SegFormer re-uploads
+        if isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
+    drop = "head." if backbone in MITS else "fc."  # the ImageNet classifier is unused
+    state = {k: v for k, v in state.items() if not k.startswith(drop)}
+    if backbone in ("resnet101", "resnet50", "resnet18"):  # torchvision names -> our nn.Sequential indices
+        rename = {"conv1": "0", "bn1": "1", "layer1": "4", "layer2": "5", "layer3": "6", "layer4": "7"}
+        ours = {}
+        for key, value in state.items():
+            top, _, rest = key.partition(".")
+            ours[f"{rename[top]}.{rest}" if top in rename else key] = value
+        state = ours
+    _load_strict(model.backbone, state, f"{backbone} backbone", source)
 
 
 def atomic_save(obj, path, keep_previous=False):
@@ -181,14 +447,15 @@ def load_checkpoint(path):
     ckpt = _torch_load(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise WeightsError(f"{path} is not a checkpoint written by train.py (expected the keys 'model' and "
-                           "'model_config'; a bare torchvision state dict belongs in --pretrained).")
+                           "'model_config'; a bare ResNet/MiT state dict belongs in --pretrained).")
     return ckpt
 
 
 def model_from_checkpoint(path, device="cpu"):
-    """Rebuild the DeepLabV2 described by a train.py checkpoint and load its weights. -> (model, checkpoint)"""
+    """Rebuild the network (either family) described by a train.py checkpoint and load its weights.
+    -> (model in eval mode, checkpoint)"""
     ckpt = load_checkpoint(path)
-    model = DeepLabV2(**ckpt["model_config"])
+    model = build_model(**ckpt["model_config"])
     _load_strict(model, ckpt["model"], "model described by its own model_config", str(path))
     return model.to(device).eval(), ckpt
 
@@ -201,11 +468,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=512, help="square input size for the shape check")
     args = parser.parse_args()
-    for backbone in BACKBONES:
-        for dilations in ((6, 12), (6, 12, 18, 24)):
-            model = DeepLabV2(backbone=backbone, aspp_dilations=dilations).eval()
-            with torch.no_grad():
-                feats = model.encode(torch.zeros(1, 3, args.size, args.size))
-            print(f"{backbone:10s} head {dilations!s:16s} params {count_parameters(model):>11,d} "
-                  f"(backbone {count_parameters(model.backbone):,d}, head {count_parameters(model.head):,d}) "
-                  f"features {tuple(feats.shape[1:])}")
+    configs = [dict(backbone=b, aspp_dilations=d) for b in RESNETS for d in ((6, 12), (6, 12, 18, 24))]
+    with torch.device("meta"), torch.no_grad():  # shapes and counts only: no memory, no arithmetic
+        for config in configs + [dict(backbone=b) for b in MITS]:
+            model = build_model(**config).eval()
+            feats = model.encode(torch.zeros(1, 3, args.size, args.size))
+            shapes = [tuple(f.shape[1:]) for f in feats] if isinstance(feats, list) else tuple(feats.shape[1:])
+            print(f"{config['backbone']:13s} {str(config.get('aspp_dilations', 'DAFormer head')):16s} params "
+                  f"{count_parameters(model):>11,d} (backbone {count_parameters(model.backbone):,d}, head "
+                  f"{count_parameters(model.head):,d}) features {shapes}, logits "
+                  f"{tuple(model.decode(feats).shape[1:])}")
