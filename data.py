@@ -7,14 +7,16 @@ strong_augment are steps 3-4 of the DACS baseline (METHOD.md §4), in plain torc
 Training datasets are "infinite": ds[k] for the global sample counter k returns (image float32 (3, c, c) in
 [0, 1], label int64 (c, c), 255 = ignore) and depends only on (seed, k): resuming at step s = starting at
 k = s * batch_size, with any number of DataLoader workers. Evaluation (train=False) returns the image resized
-to ds.eval_size, the label at full native resolution and the ground-truth file's name inside the split.
+to ds.eval_size, the label at full native resolution and the ground-truth file's name inside the split (the
+sample's key). labeled_split/write_split read and write the semi-supervised split files (METHOD.md §8).
 
     python data.py --show toy                   # writes toy_grid.png: toy-day / toy-night with labels
 """
 import argparse
 import json
-import math
 import itertools
+import math
+import re
 import warnings
 from pathlib import Path
 
@@ -44,6 +46,7 @@ CITYSCAPES_LUT[list(CITYSCAPES_ID_TO_TRAINID)] = list(CITYSCAPES_ID_TO_TRAINID.v
 SYNTHIA_LUT = np.full(65536, IGNORE_INDEX, np.uint8)  # SYNTHIA ids are 16-bit
 SYNTHIA_LUT[list(SYNTHIA_ID_TO_TRAINID)] = list(SYNTHIA_ID_TO_TRAINID.values())
 MAX_LABEL_ID = 33  # the largest id of the official Cityscapes table (bicycle); GTA uses the same ids
+NOT_IDS_FRACTION = 0.5  # *choice*: a label with more of its pixels outside 0-33 is no label-id map: rejected
 DATASETS = ("gta", "synthia", "cityscapes", "toy-day", "toy-night")
 SOURCE_DATASETS = ("gta", "synthia", "toy-day")  # labelled source domains: crops retried (cat_max_ratio)
 # (W, H) before cropping, METHOD.md §4. GTA: 1280x720 as in DACS (DAFormer keeps the aspect: 1280x704).
@@ -55,6 +58,7 @@ EXPECTED_TREE = {
     "cityscapes": "<root>/cityscapes/leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png\n"
                   "<root>/cityscapes/gtFine/<split>/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png"}
 CAT_MAX_RATIO, CROP_TRIES = 0.75, 10  # source crops: retry while one class fills > 75% (mmseg RandomCrop)
+RCS_ROUNDS = 10  # DAFormer RCS: whole crops (each with its CROP_TRIES) until the rare class is in it
 MAX_BAD_FILES = 10  # training skips up to this many unreadable files in a row, then raises
 RCS_TEMPERATURE = 0.01  # DAFormer rare class sampling
 # DAFormer's thresholds: > 3000 px of the class in the (full-resolution) image, > 1500 px in a 512 crop. Our
@@ -105,8 +109,10 @@ def _read_label_ids(path, name):
     if mode not in ("P", "L"):  # an RGB colour-coded label would silently give garbage ids
         raise DatasetError(f"label {path} has mode {mode}; expected label ids as a palette (P) or grayscale (L) "
                            f"PNG, as in the official {name} download.")
-    if ids.max(initial=0) > MAX_LABEL_ID:  # e.g. a trainId or instanceIds file given in place of labelIds
-        raise DatasetError(f"label {path} holds id {ids.max()}, outside the Cityscapes label ids 0-{MAX_LABEL_ID}; "
+    outside = ids[ids > MAX_LABEL_ID]  # 16-bit instanceIds files already fail the mode check (I;16)
+    if outside.size > NOT_IDS_FRACTION * ids.size:
+        raise DatasetError(f"label {path} holds ids outside the Cityscapes label ids 0-{MAX_LABEL_ID} in "
+                           f"{outside.size / ids.size:.0%} of its pixels (e.g. id {np.bincount(outside).argmax()}); "
                            f"expected the official {name} label-id PNG (not trainIds, colours or instance ids).")
     return ids
 
@@ -219,10 +225,11 @@ class SegDataset(torch.utils.data.Dataset):
 
     num_classes = len(CLASS_NAMES)
 
-    def __init__(self, name, samples, split, train, crop_size, seed, eval_size, rcs, rcs_cache):
+    def __init__(self, name, samples, split, train, crop_size, seed, eval_size, rcs, rcs_cache, source):
         self.name, self.samples, self.split, self.train = name, samples, split, train
         self.crop_size, self.seed, self.eval_size = crop_size, seed, eval_size
-        self.source, self.rcs = name in SOURCE_DATASETS, rcs
+        self.source, self.rcs = source, rcs
+        self.outside_pixels = 0  # pixels read so far with ids outside the table (per process: per worker)
         if train and crop_size > min(eval_size):
             raise DatasetError(f"crop_size {crop_size} is larger than the resized {name} image "
                                f"{eval_size[0]}x{eval_size[1]} (WxH); use a crop_size <= {min(eval_size)}.")
@@ -234,8 +241,8 @@ class SegDataset(torch.utils.data.Dataset):
 
     def load(self, i):
         """Native-resolution (image uint8 (H, W, 3), label uint8 (H, W) trainIds) of sample i."""
-        if self.name.startswith("toy"):
-            return toy_scene(i, self.name == "toy-night", self.split)
+        if self.name.startswith("toy"):  # the key "00017.png" names scene 17
+            return toy_scene(int(self.samples[i][2][:-4]), self.name == "toy-night", self.split)
         img_path, lbl_path, _ = self.samples[i]
         img, lbl = _read_png(img_path, "image", "RGB")[1], self._label(i)
         if img.shape[:2] != lbl.shape:
@@ -246,8 +253,17 @@ class SegDataset(torch.utils.data.Dataset):
     def _label(self, i):
         if self.name.startswith("toy"):
             return self.load(i)[1]
-        lut = SYNTHIA_LUT if self.name == "synthia" else CITYSCAPES_LUT
-        return lut[_read_label_ids(self.samples[i][1], self.name)]
+        path = self.samples[i][1]
+        ids = _read_label_ids(path, self.name)
+        if self.name == "synthia":
+            return SYNTHIA_LUT[ids]
+        outside = ids[ids > MAX_LABEL_ID]  # DAFormer ignores ids outside the table: so do we, counting them
+        if outside.size and not self.outside_pixels:  # warn once per dataset (and DataLoader worker)
+            warnings.warn(f"{self.name}: label {path} holds {outside.size} pixels of id {outside.max()} (or others) "
+                          f"outside the label ids 0-{MAX_LABEL_ID}; ignored, as in DAFormer. Later ones are counted "
+                          "silently (dataset.outside_pixels).")
+        self.outside_pixels += outside.size
+        return CITYSCAPES_LUT[ids]
 
     def __getitem__(self, k):
         if not self.train:
@@ -279,14 +295,17 @@ class SegDataset(torch.utils.data.Dataset):
         return _to_tensor(img), torch.from_numpy(lbl.astype(np.int64))
 
     def _choose_crop(self, lbl, rng, rare):
-        """Top-left corner of the crop: source crops are retried while one class fills > 75% of the valid
-        pixels (mmseg cat_max_ratio); with RCS also until the rare class has enough pixels in the crop."""
+        """Top-left corner of the crop, as mmseg/DAFormer draw it. Source: mmseg's RandomCrop, up to CROP_TRIES
+        checks, redrawn while one class fills >= 75% of the valid pixels (else the next draw is kept). RCS: that
+        whole crop (a round) redone while the rare class has too few pixels in it, up to RCS_ROUNDS checks."""
         (h, w), c = lbl.shape, self.crop_size
-        for _ in range(CROP_TRIES if self.source or rare is not None else 1):
-            y, x = int(rng.integers(0, h - c + 1)), int(rng.integers(0, w - c + 1))
-            counts = np.bincount(lbl[y:y + c, x:x + c].ravel(), minlength=256)[:self.num_classes]
-            ok = not self.source or (np.count_nonzero(counts) > 1 and counts.max() < CAT_MAX_RATIO * counts.sum())
-            if ok and (rare is None or counts[rare] > self.rcs_min_crop):
+        for _ in range(RCS_ROUNDS + 1 if rare is not None else 1):
+            for _ in range(CROP_TRIES + 1 if self.source else 1):
+                y, x = int(rng.integers(0, h - c + 1)), int(rng.integers(0, w - c + 1))
+                n = np.bincount(lbl[y:y + c, x:x + c].ravel(), minlength=256)[:self.num_classes]
+                if np.count_nonzero(n) > 1 and n.max() < CAT_MAX_RATIO * n.sum():
+                    break
+            if rare is None or n[rare] > self.rcs_min_crop:
                 break
         return y, x
 
@@ -321,38 +340,103 @@ def _to_tensor(img):
     return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float().div_(255)
 
 
-def build_dataset(name, root="data", split="train", train=True, crop_size=512, seed=0, rcs=False, rcs_cache=None,
-                  resize=None):
-    """Dataset `name` (one of DATASETS) under `root`; see the module docstring for what items look like.
-    resize: (W, H) replacing the recipe's size before cropping/evaluation (RESIZE), e.g. for half resolution.
-    rcs_cache: JSON path for the RCS class statistics (None: computed and kept in memory only)."""
+def _samples(name, root, split):  # [(image path, label path, key)] of the split
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
-    if name.startswith("toy"):
-        if split not in TOY_LEN:
-            raise DatasetError(f"{name} has splits {', '.join(TOY_LEN)}, got split={split!r}.")
-        samples = [(None, None, f"{i:05d}.png") for i in range(TOY_LEN[split])]
-    else:
-        samples = _list_files(name, Path(root), split)
-    return SegDataset(name, samples, split, train, crop_size, seed, tuple(resize or RESIZE[name]), rcs, rcs_cache)
+    if not name.startswith("toy"):
+        return _list_files(name, Path(root), split)
+    if split not in TOY_LEN:
+        raise DatasetError(f"{name} has splits {', '.join(TOY_LEN)}, got split={split!r}.")
+    return [(None, None, f"{i:05d}.png") for i in range(TOY_LEN[split])]
+
+
+def build_dataset(name, root="data", split="train", train=True, crop_size=512, seed=0, rcs=False, rcs_cache=None,
+                  resize=None, keys=None, source=None):
+    """Dataset `name` (one of DATASETS) under `root`; see the module docstring for what items look like.
+    resize: (W, H) replacing the recipe's size before cropping/evaluation (RESIZE), e.g. for half resolution.
+    rcs_cache: JSON path for the RCS class statistics (None: computed and kept in memory only).
+    keys: only these samples, in this order (their labels' names inside the split, e.g. from labeled_split).
+    source: crop as a labelled source (cat_max_ratio retries); None: only the SOURCE_DATASETS do."""
+    samples = _samples(name, root, split)
+    if keys is not None:
+        by_key = {s[2]: s for s in samples}
+        missing = [k for k in keys if k not in by_key]
+        if missing or not keys:
+            raise DatasetError(f"{name} {split}: {len(missing)} of the {len(keys)} samples asked for are not under "
+                               f"{root}{', e.g. ' + missing[0] if missing else ''}.")
+        samples = [by_key[k] for k in keys]
+    return SegDataset(name, samples, split, train, crop_size, seed, tuple(resize or RESIZE[name]), rcs, rcs_cache,
+                      name in SOURCE_DATASETS if source is None else bool(source))
+
+
+# UniMatch line: image and trainIds label; U2PL line: the image alone; both maybe under a folder (cityscapes/)
+_SPLIT_LINE = re.compile(r"(?:\S*/)?leftImg8bit/train/([^/\s]+/[^/\s]+)_leftImg8bit\.png"
+                         r"(?:\s+(?:\S*/)?gtFine/train/\1_gtFine_label(?:Train)?Ids\.png)?")
+_LABEL_SUFFIX = "_gtFine_labelIds.png"
+
+
+def labeled_split(name, root, spec, seed):
+    """Keys (see build_dataset) of the labelled train images of the semi-supervised setting (METHOD.md §8).
+    spec: a count (int or digits): the first `count` of a permutation of the train set drawn from `seed` alone
+    (smaller draws are subsets of larger ones), sorted; or a split file: UniMatch or U2PL lines for Cityscapes
+    (we read the labelIds file of each listed image), one key per line for the toy."""
+    if name not in ("cityscapes", "toy-night"):
+        raise DatasetError(f"--labeled: the semi-supervised setting uses cityscapes or toy-night, not {name!r}.")
+    train = [s[2] for s in _samples(name, root, "train")]
+    if isinstance(spec, int) or (isinstance(spec, str) and spec.lstrip("-").isdigit()):
+        if not 1 <= int(spec) <= len(train):
+            raise DatasetError(f"--labeled {spec}: choose from 1 to {len(train)}, the number of {name} train images.")
+        return [train[i] for i in sorted(np.random.default_rng(seed).permutation(len(train))[:int(spec)])]
+    try:
+        lines = Path(spec).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DatasetError(f"--labeled {spec}: cannot read this split file ({err}).") from err
+    known, keys = set(train), {}  # key -> its line number, in file order
+    for no, text in enumerate((line.strip() for line in lines), 1):
+        match = _SPLIT_LINE.fullmatch(text)
+        key = text if name == "toy-night" else match[1] + _LABEL_SUFFIX if match else None
+        if text and (key is None or key not in known or key in keys):
+            problem = ("is neither a UniMatch line ('leftImg8bit/train/<city>/<id>_leftImg8bit.png gtFine/train/"
+                       "<city>/<id>_gtFine_labelTrainIds.png') nor a U2PL line (the image path alone)" if key is None
+                       else f"repeats line {keys[key]}" if key in keys else
+                       f"names no {name} train image (with its label) under {root}")
+            raise DatasetError(f"{spec} line {no}: {text[:100]!r} {problem}.")
+        if text:
+            keys[key] = no
+    if not keys:
+        raise DatasetError(f"--labeled {spec}: the split file lists no images.")
+    return list(keys)
+
+
+def write_split(path, name, keys):
+    """Write `keys` as a split file that labeled_split reads back: UniMatch lines for Cityscapes (naming its
+    labelTrainIds file), one key per line for the toy."""
+    lines = [k if name.startswith("toy") else "leftImg8bit/train/{0}_leftImg8bit.png gtFine/train/{0}_gtFine_"
+             "labelTrainIds.png".format(k[:-len(_LABEL_SUFFIX)]) for k in keys]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n".join(lines) + "\n")
 
 
 class CounterSampler(torch.utils.data.Sampler):
-    """Yields the global sample counter k = start, start+1, ... that training datasets map to (image, crop, flip)."""
+    """Yields the global sample counters k that training datasets map to (image, crop, flip), from iteration
+    `step` on. With several processes (torchrun) they share one stream: rank r of w takes the r-th batch of
+    every w, so k = ((step * w + r) * batch_size + i); one process gets step * batch_size, +1, +2, ..."""
 
-    def __init__(self, start):
-        self.start = start
+    def __init__(self, step, batch_size, rank=0, world=1):
+        self.step, self.batch_size, self.rank, self.world = step, batch_size, rank, world
 
     def __iter__(self):
-        return itertools.count(self.start)
+        for step in itertools.count(self.step):
+            start = (step * self.world + self.rank) * self.batch_size
+            yield from range(start, start + self.batch_size)
 
 
-def train_loader(dataset, batch_size, step, workers, seed, pin_memory=False):
+def train_loader(dataset, batch_size, step, workers, seed, pin_memory=False, rank=0, world=1):
     """Endless iterator of training batches starting at iteration `step`: the batches an uninterrupted run
     would have seen from there on (with any number of workers). Its own generator: creating it draws nothing
     from the global RNG, so --resume does not shift the random stream."""
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=CounterSampler(step * batch_size), num_workers=workers,
+        dataset, batch_size=batch_size, sampler=CounterSampler(step, batch_size, rank, world), num_workers=workers,
         pin_memory=pin_memory, drop_last=True, persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(seed))
     return iter(loader)
@@ -379,31 +463,55 @@ def _uniform(n, lo, hi, like, generator):  # (n, 1, 1, 1) draws of U(lo, hi) on 
     return (lo + (hi - lo) * torch.rand(n, generator=generator)).to(like).view(n, 1, 1, 1)
 
 
-def _gray(img):  # ITU-R 601 luma, (B,1,H,W)
-    return 0.299 * img[:, :1] + 0.587 * img[:, 1:2] + 0.114 * img[:, 2:]
+def _rgb_to_hsv(img):
+    """(N,3,H,W) RGB -> H in radians [0, 2π), S, V, each (N,H,W), as kornia 0.5.8: V = max, S = (max - min) /
+    (V + 1e-6), H from the first channel holding the max (grey: H = 0)."""
+    r, g, b = img.unbind(1)
+    v, delta = img.amax(1), img.amax(1) - img.amin(1)
+    d = torch.where(delta > 0, delta, torch.ones_like(delta))
+    h = torch.where(r == v, (g - b) / d, torch.where(g == v, 2 + (b - r) / d, 4 + (r - g) / d))
+    return 2 * math.pi * ((h / 6) % 1), delta / (v + 1e-6), v
 
 
-_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-_YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
+def _hsv_to_rgb(h, s, v):
+    """(N,H,W) x 3 -> (N,3,H,W) by the six-sector table, no clamp; H may be negative (wrapped here)."""
+    x = h * (3 / math.pi)  # position on the six sectors
+    sector = x.floor() % 6
+    f = x % 6 - sector
+    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
+    table = torch.stack([v, q, p, p, t, v, t, v, v, q, p, p, p, p, t, v, v, q], 1)  # R, G, B of sectors 0-5
+    return table.gather(1, sector.long()[:, None] + torch.tensor([0, 6, 12], device=h.device).view(1, 3, 1, 1))
+
+
+def _jitter(img, factors, order):
+    """kornia 0.5.8's ColorJitter ops with explicit factors (N, 4) = brightness b, contrast c, saturation t,
+    hue h, applied to image i in the order order[i] (a permutation of 0-3, ops numbered as the factors; a row of
+    -1 leaves the image unchanged). (N,3,H,W) in [0,1] -> same. Batched: step k runs each op on its images."""
+    out, order = img.clone(), order.cpu()
+    for step, op in itertools.product(range(4), range(4)):
+        idx = (order[:, step] == op).nonzero().flatten()  # on the CPU: no device sync
+        x, k = out[idx.to(img.device)], factors[idx, op].to(img).view(-1, 1, 1)
+        if op < 2:  # brightness: additive; contrast: a plain multiply (no mean)
+            x = (x + (k[:, None] - 1) if op == 0 else x * k[:, None]).clamp(0, 1)
+        else:
+            h, s, v = _rgb_to_hsv(x)
+            hsv = (h, (s * k).clamp(0, 1), v) if op == 2 else (torch.fmod(h + 2 * math.pi * k, 2 * math.pi), s, v)
+            x = _hsv_to_rgb(*hsv)
+        out[idx.to(img.device)] = x
+    return out
 
 
 def color_jitter(img, strength=0.2, p=0.8, generator=None):
-    """Per sample with probability p: brightness, contrast, saturation factors ~ U(1-s, 1+s) and a hue shift
-    ~ U(-s, s) of the colour circle (a rotation of the chroma plane in YIQ). (B,3,H,W) in [0,1] -> same."""
+    """The DACS colour jitter as DAFormer runs it: kornia 0.5.8 ColorJitter(s, s, s, s) (METHOD.md §4.4).
+    Per image: b, c, t ~ U(1 - s, 1 + s), h ~ U(-s, s) and the four ops in a fresh random order (see _jitter);
+    draws from torch's CPU RNG or the CPU `generator`. DAFormer decides "jitter or not" once per batch; our
+    choice: with probability p per image (the same probability per image). (B,3,H,W) in [0,1] -> same."""
     b = img.shape[0]
-    off = _uniform(b, 0, 1, img, generator) >= p  # samples left untouched
-    bright, contrast, sat = (_uniform(b, 1 - strength, 1 + strength, img, generator).masked_fill(off, 1)
-                             for _ in range(3))
-    angle = _uniform(b, -strength, strength, img, generator).masked_fill(off, 0).view(b) * 2 * math.pi
-    img = (img * bright).clamp(0, 1)
-    mean = _gray(img).mean((1, 2, 3), keepdim=True)
-    img = ((img - mean) * contrast + mean).clamp(0, 1)
-    gray = _gray(img)
-    img = ((img - gray) * sat + gray).clamp(0, 1)
-    one, zero, cos, sin = torch.ones_like(angle), torch.zeros_like(angle), angle.cos(), angle.sin()
-    rot = torch.stack([one, zero, zero, zero, cos, -sin, zero, sin, cos], 1).view(b, 3, 3)
-    hue = _YIQ_TO_RGB.to(img) @ rot @ _RGB_TO_YIQ.to(img)  # (B, 3, 3)
-    return torch.einsum("bij,bjhw->bihw", hue, img).clamp(0, 1)
+    on = torch.rand(b, generator=generator) < p
+    low = torch.tensor([1 - strength] * 3 + [-strength], dtype=torch.float64)
+    factors = low + 2 * strength * torch.rand(b, 4, generator=generator, dtype=torch.float64)
+    order = torch.rand(b, 4, generator=generator).argsort(1).masked_fill(~on[:, None], -1)
+    return _jitter(img, factors, order)
 
 
 def gaussian_blur(img, p=0.5, sigma=(0.15, 1.15), generator=None):

@@ -13,6 +13,7 @@ occur (in the labels or the predictions). SYNTHIA-trained models are also scored
 """
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -28,6 +29,16 @@ import models
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}  # --dtype -> autocast dtype
 LABEL_IDS = np.zeros(256, np.uint8)  # trainId -> official Cityscapes label id (255 -> 0, "unlabeled")
 LABEL_IDS[list(data.TRAINID_TO_LABELID)] = list(data.TRAINID_TO_LABELID.values())
+
+
+def finite(value):
+    """A JSON-ready copy of nested dicts/lists with NaN/inf replaced by None (strict JSON: jq and JavaScript
+    reject NaN); e.g. the IoU of a class absent from labels and predictions."""
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def confusion_matrix(label, pred, num_classes):
@@ -154,7 +165,7 @@ def main(argv=None):
     print(format_table(result))
     out = Path(args.out) if args.out else Path(args.ckpt).parent
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    (out / "metrics.json").write_text(json.dumps(finite(result), indent=2, allow_nan=False))
     print(f"wrote {out / 'metrics.json'}" + (f" and predictions under {args.save_pred}" if args.save_pred else ""))
 
 
