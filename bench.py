@@ -4,12 +4,14 @@ size and inference time with and without MFM training, and data-loader throughpu
 Each mode is built with train.parse_args + train.build_run and timed through train.train_step on random tensors
 of the training shapes, so this times the code train.py runs (data loading excluded; bench_loader measures it
 apart). The paper's claims to check (METHOD.md §3): the Rebuilder exists only during
-training, so the exported DeepLabV2 has the same parameters and inference time; our goals for the training
+training, so the exported network has the same parameters and inference time; our goals for the training
 overhead: DACS + MFM step <= 1.5x DACS and peak memory <= 1.15x DACS.
 
     python bench.py                              # CPU: resnet18, 64 px crops, batch 2 + 2, fp32; about a minute
     python bench.py --backbone resnet101 --crop-size 512 --reps 2 --warmup 1 --no-loader  # paper shapes, CPU: ~10 min
-    python bench.py --device cuda                # GPU: the paper's resnet101, 512 crops, batch 2 + 2, bf16
+    python bench.py --backbone mit_b5 --crop-size 512 --reps 1 --warmup 1 --no-loader     # DAFormer MiT-B5, CPU
+    python bench.py --device cuda                # GPU: the paper's ResNetV1c-101, 512 crops, batch 2 + 2, bf16
+    python bench.py --device cuda --backbone mit_b5   # GPU: MiT-B5 + DAFormer head (the paper's main table)
     python bench.py --device cuda --peak-tflops 756 --json h100pcie.json   # MFU against your GPU's peak
 
 It prints a markdown table (ready for the README) and writes the numbers to --json (default bench.json).
@@ -41,7 +43,7 @@ import train
 # Dense bf16 tensor-core peak (TFLOP/s, vendor datasheets), matched as a substring of the device name, first hit.
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("A100", 312), ("L40S", 362), ("L4", 121))
 GOALS = {"step_s": 1.5, "peak_bytes": 1.15}  # DACS + MFM / DACS, the targets
-CUDA_DEFAULTS = dict(backbone="resnet101", crop_size=512, dtype="bf16", reps=20, warmup=5, loader_n=32,
+CUDA_DEFAULTS = dict(backbone="resnet101-v1c", crop_size=512, dtype="bf16", reps=20, warmup=5, loader_n=32,
                      loader_workers=4)
 CPU_DEFAULTS = dict(backbone="resnet18", crop_size=64, dtype="fp32", reps=20, warmup=5, loader_n=8, loader_workers=0)
 
@@ -53,15 +55,16 @@ def parse_args(argv=None):
         return f"(default: {CUDA_DEFAULTS[key]} on CUDA, {CPU_DEFAULTS[key]} on CPU)"
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda or cpu (default: cuda when PyTorch sees a GPU)")
-    p.add_argument("--backbone", choices=models.BACKBONES, help=f"dilated ResNet {default('backbone')}")
+    p.add_argument("--backbone", choices=models.BACKBONES, help=f"ResNet (DeepLabV2) or MiT (DAFormer head) "
+                   f"{default('backbone')}")
     p.add_argument("--crop-size", type=int, help=f"square training crop; inference runs on crop x 2*crop, the "
                    f"Cityscapes aspect (512 -> 512x1024, the paper's eval size) {default('crop_size')}")
     p.add_argument("--batch-size", type=int, default=2, help="source images and target images per step (default: 2)")
     p.add_argument("--dtype", choices=evaluation.DTYPES, help=f"autocast dtype {default('dtype')}")
     p.add_argument("--reps", type=int, help=f"timed repetitions per mode; median and min reported {default('reps')}")
     p.add_argument("--warmup", type=int, help=f"untimed iterations before timing {default('warmup')}")
-    p.add_argument("--mfm-grid", type=int, help="Rebuilder grid g (default: crop/32, so that 4g = the feature size "
-                   "as with the paper's g=16 at 512)")
+    p.add_argument("--mfm-grid", type=int, help="Rebuilder grid g (default: crop/32: the paper's g=16 at 512; 4g = "
+                   "the DeepLabV2 feature size, g = MiT's last stage)")
     p.add_argument("--aux", nargs="+", default=[], choices=["mic", "cmim", "mfm,mic"],
                    help="also time DACS + each auxiliary (train.py --aux NAME), e.g. --aux mic cmim")
     p.add_argument("--peak-tflops", type=float, help="device peak for MFU = FLOPs/step / step time / peak "

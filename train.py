@@ -6,16 +6,20 @@ One iteration (METHOD.md §3-4), each arrow a function below:
 Each loss is backpropagated on its own, so peak memory is that of one branch, not of all three.
 
     python train.py --source toy-day --target toy-night            # CPU demo, a few minutes
-    python train.py --source gta --target cityscapes                 # the paper's DACS + MFM (one GPU)
+    python train.py --source gta --target cityscapes                 # the paper's DACS + MFM, DeepLabV2
     python train.py --source gta --target cityscapes --no-mfm        # the DACS baseline
-    python train.py --source gta --target cityscapes --source-only   # no adaptation
+    python train.py --source gta --target cityscapes --backbone mit_b5 --pretrained mit_b5.pth --recipe daformer
+    python train.py --source cityscapes --target cityscapes --labeled 372   # semi-supervised (S4MIM's setting)
+    torchrun --nproc_per_node 4 train.py --source gta --target cityscapes   # several GPUs, --batch-size per GPU
 
-The output folder gets config.json, log.jsonl, ckpt.pt (resume with --resume), model.pt (weights for
-inference: no teacher, no Rebuilder), model_best.pt, and vis/step_*.png pictures of what the method sees.
+The output folder gets config.json, log.jsonl, ckpt.pt (resume with --resume), model.pt (the final weights for
+inference: no teacher, no Rebuilder; the result is this final model, as in the papers), and vis/step_*.png
+pictures of what the method sees.
 """
 import argparse
 import contextlib
 import copy
+import datetime
 import json
 import math
 import os
@@ -27,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch import nn
 from tqdm import tqdm
 
 import baselines
@@ -36,15 +42,17 @@ import models
 from mfm import Rebuilder, mfm_loss, weighted_cross_entropy
 
 # Defaults that depend on the domain pair: the paper's recipe for the real datasets, a CPU-sized one for the toy.
-PAPER = dict(backbone="resnet101", pretrained="imagenet", crop_size=512, iters=40_000, warmup=1500, lr=6e-5,
+# resnet101-v1c: the DeepLabV2 backbone of the DAFormer/MIC code bases the paper's 55.9 comes from (METHOD.md §2).
+PAPER = dict(backbone="resnet101-v1c", pretrained="imagenet", crop_size=512, iters=40_000, warmup=1500, lr=6e-5,
              lr_rebuilder=2e-4, mfm_grid=16, eval_every=4000, ckpt_every=1000, vis_every=1000, log_every=50)
 TOY = dict(backbone="resnet18", pretrained="none", crop_size=64, iters=300, warmup=30, lr=1e-3,
            lr_rebuilder=1e-3, mfm_grid=4, eval_every=100, ckpt_every=100, vis_every=100, log_every=10)
 AUXILIARIES = ("mfm", "mic", "cmim")  # target-side auxiliary tasks; mic and cmim live in baselines.py
 DAFORMER = dict(rcs=True, fd=True, pl_crop=True, ema=0.999)  # --recipe daformer (METHOD.md §4)
 RESUMABLE = {"resume", "stop_at", "skip_nonfinite", "eval_every", "ckpt_every", "vis_every", "log_every",
-             "workers", "data_root", "device", "out"}  # may differ between a run and its --resume
+             "workers", "data_root", "device", "out", "compile"}  # may differ between a run and its --resume
 TRAINED_AUX_MODULES = ("rebuilder", "cmim_head")  # training-only modules: in ckpt.pt, never in model.pt
+STOCHASTIC = (nn.Dropout, nn.Dropout2d, models.DropPath)  # off in the teacher (DAFormer); its BatchNorm trains
 
 
 class ConfigError(Exception):
@@ -61,19 +69,24 @@ def parse_args(argv=None):
     def preset(key):
         return f"(default: {PAPER[key]}; toy pair: {TOY[key]})"
     g = p.add_argument_group("data")
-    g.add_argument("--source", required=True, choices=["gta", "synthia", "toy-day"], help="labelled source domain")
+    g.add_argument("--source", required=True, choices=["gta", "synthia", "toy-day", "cityscapes", "toy-night"],
+                   help="labelled source domain; = --target with --labeled: semi-supervised")
     g.add_argument("--target", required=True, choices=["cityscapes", "toy-night"], help="unlabelled target domain")
+    g.add_argument("--labeled", metavar="N|FILE", help="semi-supervised (--source = --target): N labelled train "
+                   "images (a seeded draw, saved as OUT/labeled.txt) or a split file (UniMatch or U2PL format); "
+                   "every train image is also an unlabelled target, as in ClassMix")
     g.add_argument("--data-root", default="data", help="folder with gta/, synthia/, cityscapes/ (default: data)")
     g.add_argument("--crop-size", type=int, help=f"square random crop after the recipe's resize {preset('crop_size')}")
-    g.add_argument("--batch-size", type=int, default=2, help="source images and target images per step (default: 2)")
+    g.add_argument("--batch-size", type=int, default=2, help="source and target images per step and GPU (default: 2)")
     g.add_argument("--workers", type=int, default=None, help="DataLoader processes (default: 4 on CUDA, 0 on CPU)")
     g.add_argument("--rcs", action="store_true", help="rare class sampling of source images (DAFormer, T=0.01)")
     g = p.add_argument_group("model and optimisation")
-    g.add_argument("--backbone", choices=models.BACKBONES, help=f"dilated ResNet {preset('backbone')}")
-    g.add_argument("--pretrained", help="imagenet | none | PATH (torchvision ResNet state dict or one of our "
-                   f"checkpoints) {preset('pretrained')}")
+    g.add_argument("--backbone", choices=models.BACKBONES, help="dilated ResNet (DeepLabV2 head) or MiT (DAFormer "
+                   f"head) {preset('backbone')}")
+    g.add_argument("--pretrained", help="imagenet | none | PATH (ImageNet weights as downloaded: torchvision, "
+                   f"open-mmlab resnet101_v1c, SegFormer mit_bX.pth; or one of our checkpoints) {preset('pretrained')}")
     g.add_argument("--iters", type=int, help=f"training iterations; the LR reaches 0 here {preset('iters')}")
-    g.add_argument("--lr", type=float, help=f"AdamW LR of the backbone; the head gets 10x {preset('lr')}")
+    g.add_argument("--lr", type=float, help=f"AdamW LR of the encoder; the head gets 10x {preset('lr')}")
     g.add_argument("--warmup", type=int, help=f"linear warm-up iterations, then lr*(1-t/iters) {preset('warmup')}")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: 0.01)")
     g.add_argument("--ema", type=float, default=0.99, help="teacher EMA: alpha_t = min(1 - 1/(t+1), EMA) (0.99)")
@@ -87,7 +100,7 @@ def parse_args(argv=None):
     mode.add_argument("--source-only", action="store_true", help="no adaptation: source loss only")
     g.add_argument("--lambda-mfm", type=float, default=1.0, help="lambda, weight of L_mfm (default: 1.0)")
     g.add_argument("--mask-ratio", type=float, default=0.4, help="P(grid cell masked), in (0, 1) (default: 0.4)")
-    g.add_argument("--mfm-grid", type=int, help=f"mask grid g: g x g cells {preset('mfm_grid')}")
+    g.add_argument("--mfm-grid", type=int, help=f"mask grid g: g x g cells {preset('mfm_grid')}; MiT: crop/32")
     g.add_argument("--mfm-dim", type=int, default=512, help="Rebuilder width C' (default: 512)")
     g.add_argument("--mfm-depth", type=int, default=2, help="Rebuilder transformer blocks (default: 2)")
     g.add_argument("--mfm-heads", type=int, default=16, help="Rebuilder attention heads (default: 16)")
@@ -108,6 +121,10 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=0, help="seed of weights, data order, augmentation, masks")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     g.add_argument("--dtype", choices=evaluation.DTYPES, help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                   help="torch.compile the student's encode/decode (default backend: inductor)")
+    g.add_argument("--sync-bn", action="store_true", help="with torchrun: BatchNorm statistics over all GPUs "
+                   "(default: per GPU, as the one-GPU recipe)")
     g.add_argument("--deterministic", action="store_true", help="deterministic kernels (bit-identical resume)")
     g.add_argument("--resume", nargs="?", const="auto", metavar="CKPT",
                    help="continue the run in --out from its ckpt.pt (or from CKPT)")
@@ -122,12 +139,19 @@ def parse_args(argv=None):
 
 def resolve(args):
     """Fill the domain-dependent defaults and check ranges; raises ConfigError naming the flag."""
-    for key, value in (TOY if args.source.startswith("toy") else PAPER).items():
+    grid_given = args.mfm_grid is not None
+    for key, value in (TOY if args.target.startswith("toy") else PAPER).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.backbone in models.MITS and not grid_given:
+        args.mfm_grid = max(1, args.crop_size // 32)  # the last MiT stage: g = 16 at 512 crops, as the release
     if args.source.startswith("toy") != args.target.startswith("toy"):
         raise ConfigError(f"--source {args.source} and --target {args.target} do not share a label space setup: "
                           "pair toy-day with toy-night, gta/synthia with cityscapes.")
+    if (args.labeled is not None) != (args.source == args.target):
+        raise ConfigError(f"--labeled is the semi-supervised setting: it needs --source = --target (cityscapes or "
+                          f"toy-night), got --source {args.source} --target {args.target}"
+                          + ("" if args.labeled is not None else " without --labeled N|FILE") + ".")
     if args.recipe == "daformer":
         vars(args).update(DAFORMER)
     args.mic_block = args.mic_block or max(1, args.crop_size // 16)
@@ -140,7 +164,8 @@ def resolve(args):
     args.mode = "source-only" if args.source_only else "+".join(["dacs", *aux])
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     args.workers = (4 if args.device.startswith("cuda") else 0) if args.workers is None else args.workers
-    args.out = args.out or f"runs/{args.source}-{args.target}-{args.mode.replace('+', '-')}-s{args.seed}"
+    pair = f"{args.target}-{Path(args.labeled).stem}" if args.labeled else f"{args.source}-{args.target}"
+    args.out = args.out or f"runs/{pair}-{args.mode.replace('+', '-')}-s{args.seed}"
     checks = [("--iters", args.iters > 0, "> 0"), ("--batch-size", args.batch_size > 0, "> 0"),
               ("--crop-size", args.crop_size >= 8, ">= 8"), ("--mask-ratio", 0 < args.mask_ratio < 1, "in (0, 1)"),
               ("--lr", args.lr > 0, "> 0"), ("--warmup", args.warmup >= 0, ">= 0"),
@@ -202,51 +227,68 @@ def lr_factor(step, args):
 
 
 def train_step(run, x_src, y_src, x_tgt, step, args):
-    """One iteration. Returns the losses as a dict of tensors and the intermediate maps for pictures."""
-    student, teacher, scaler = run["student"], run["teacher"], run["scaler"]
+    """One iteration. Returns the losses (the mean over GPUs) as a dict of floats and the maps for pictures.
+    Each loss term is one forward + backward through run["net"]; with several GPUs all but the last backward
+    skip DistributedDataParallel's gradient all-reduce (no_sync), so there is one all-reduce per step."""
+    teacher, net = run["teacher"], run["net"]
     autocast = torch.autocast(x_src.device.type, evaluation.DTYPES[args.dtype], enabled=args.dtype != "fp32")
     for group in run["optimizer"].param_groups:
         group["lr"] = group["base_lr"] * lr_factor(step, args)
     run["optimizer"].zero_grad(set_to_none=True)
     losses, seen = {}, {}
-    with autocast:
-        losses["loss_src"], feats_src = source_loss(student, x_src, y_src)
-        total = losses["loss_src"]
-        if run["imagenet"] is not None:  # DAFormer: stay close to ImageNet features on thing classes
-            with torch.no_grad():
-                feats_imagenet = run["imagenet"].encode(x_src)
-            losses["loss_fd"] = baselines.feature_distance_loss(feats_src, feats_imagenet, y_src)
-            total = total + args.lambda_fd * losses["loss_fd"]
-    scaler.scale(total).backward()
+    aux = [] if teacher is None else [a for a in args.aux.split(",") if a != "none"]
+
+    def backward(branch, last):
+        """branch(m) -> loss, run as net(branch): m holds student, rebuilder and cmim_head (DDP-wrapped)."""
+        with contextlib.nullcontext() if last else getattr(net, "no_sync", contextlib.nullcontext)():
+            with autocast:
+                loss = net(branch)
+            run["scaler"].scale(loss).backward()
+
+    def source(m):
+        losses["loss_src"], feats = source_loss(m.student, x_src, y_src)
+        if run["imagenet"] is None:
+            return losses["loss_src"]
+        with torch.no_grad():  # DAFormer: stay close to ImageNet features on thing classes (MiT: the last stage)
+            feats_imagenet = run["imagenet"].encode(x_src)
+        last = (lambda f: f[-1]) if isinstance(feats, (list, tuple)) else (lambda f: f)
+        losses["loss_fd"] = baselines.feature_distance_loss(last(feats), last(feats_imagenet), y_src)
+        return losses["loss_src"] + args.lambda_fd * losses["loss_fd"]
+    backward(source, last=teacher is None)
     if teacher is None:
         return finish_step(run, losses, seen, step, args)
     seen["pseudo_label"], q = pseudo_label(teacher, x_tgt, args.pseudo_threshold)
     weight = baselines.pseudo_label_crop(q, seen["pseudo_label"]) if args.pl_crop else q
     seen["x_mix"], seen["y_mix"], w_mix = mix(x_src, y_src, x_tgt, seen["pseudo_label"], weight)
-    with autocast:
-        losses["loss_mix"] = mix_loss(student, seen["x_mix"], seen["y_mix"], w_mix)
-    scaler.scale(losses["loss_mix"]).backward()
     losses["confidence"] = q
-    for name in args.aux.split(","):  # each auxiliary on the plain target crop: no mixing, no strong augmentation
-        with autocast:
-            if name == "mfm":
-                feats = student.encode(x_tgt)
-                losses["loss_mfm"], seen["mfm_mask"] = mfm_loss(student.decode, run["rebuilder"], feats,
-                                                                seen["pseudo_label"], weight, return_mask=True)
-            elif name == "mic":
-                losses["loss_mic"] = baselines.mic_loss(student, x_tgt, seen["pseudo_label"], weight,
-                                                        args.mic_block, args.mic_ratio)
-            elif name == "cmim":
-                losses["loss_cmim"] = baselines.cmim_loss(student, run["cmim_head"], x_tgt, seen["pseudo_label"],
-                                                          weight)
-        if name != "none":
-            scaler.scale(getattr(args, f"lambda_{name}") * losses[f"loss_{name}"]).backward()
+
+    def mixed(m):
+        losses["loss_mix"] = mix_loss(m.student, seen["x_mix"], seen["y_mix"], w_mix)
+        return losses["loss_mix"]
+
+    def auxiliary(m, name):  # on the plain target crop: no mixing, no strong augmentation
+        if name == "mfm":
+            losses["loss_mfm"], seen["mfm_mask"] = mfm_loss(m.student.decode, m.rebuilder, m.student.encode(x_tgt),
+                                                            seen["pseudo_label"], weight, return_mask=True)
+        elif name == "mic":
+            losses["loss_mic"] = baselines.mic_loss(m.student, x_tgt, seen["pseudo_label"], weight, args.mic_block,
+                                                    args.mic_ratio)
+        else:
+            losses["loss_cmim"] = baselines.cmim_loss(m.student, m.cmim_head, x_tgt, seen["pseudo_label"], weight)
+        return getattr(args, f"lambda_{name}") * losses[f"loss_{name}"]
+    backward(mixed, last=not aux)
+    for i, name in enumerate(aux):
+        backward(lambda m, name=name: auxiliary(m, name), last=i == len(aux) - 1)
     return finish_step(run, losses, seen, step, args)
 
 
 def finish_step(run, losses, seen, step, args):
-    """One sync for all losses; stop on a non-finite one; optimizer step; EMA teacher."""
-    values = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))  # one sync
+    """One sync for all losses (averaged over GPUs); stop on a non-finite one; optimizer step; EMA teacher."""
+    values = torch.stack([v.detach().float() for v in losses.values()])
+    if run["world"] > 1:  # every rank sees the same values, so all stop or skip together
+        dist.all_reduce(values)
+        values /= run["world"]
+    values = dict(zip(losses, values.tolist()))
     bad = [k for k, v in values.items() if not math.isfinite(v)]
     if bad:
         run["optimizer"].zero_grad(set_to_none=True)
@@ -269,23 +311,61 @@ def set_seed(seed, deterministic=False):
     torch.backends.cudnn.benchmark = not deterministic
 
 
+class Trainable(nn.Module):
+    """The trained modules in one container, so that one DistributedDataParallel covers them all:
+    net(branch) runs branch(container) -> one loss term of the step."""
+
+    def __init__(self, student, rebuilder=None, cmim_head=None):
+        super().__init__()
+        self.student, self.rebuilder, self.cmim_head = student, rebuilder, cmim_head
+
+    def forward(self, branch):
+        return branch(self)
+
+
+def setup_distributed(args):
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on CUDA, gloo on CPU), one GPU per local
+    rank. Returns (rank, world size); (0, 1) for a plain `python train.py`."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo",
+                            timeout=datetime.timedelta(hours=1))  # rank 0 evaluates while the others wait
+    return dist.get_rank(), world
+
+
 def build_run(args, num_classes):
-    """Student, teacher (EMA copy, no Rebuilder), Rebuilder, optimizer with its LR groups, grad scaler."""
+    """Student, teacher (EMA copy, no Rebuilder), Rebuilder, optimizer with its LR groups, grad scaler; under
+    torchrun the trained modules are wrapped in DDP (which copies rank 0's initial weights to every rank)."""
     device = torch.device(args.device)
-    student = models.DeepLabV2(num_classes, args.backbone, pretrained=args.pretrained).to(device)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    student = models.build_model(num_classes, args.backbone, pretrained=args.pretrained).to(device)
+    if args.sync_bn and world > 1:
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
     if device.type == "cuda":
         student = student.to(memory_format=torch.channels_last)
-    groups = student.param_groups(args.lr)
-    run = dict(student=student, teacher=None, rebuilder=None, cmim_head=None, imagenet=None)
+    channels = student.feat_channels if isinstance(student.feat_channels, int) else student.feat_channels[-1]
+    run = dict(student=student, teacher=None, imagenet=None, world=world,
+               rebuilder=Rebuilder(student.feat_channels, args.mfm_dim, args.mfm_grid, args.mfm_depth, args.mfm_heads,
+                                   mask_ratio=args.mask_ratio).to(device) if "mfm" in args.aux else None,
+               cmim_head=baselines.ClassWiseReconstructor(channels, student.feat_stride).to(device)
+               if "cmim" in args.aux else None)  # choice: trained like the Rebuilder (its LR group)
+    run["net"] = Trainable(student, run["rebuilder"], run["cmim_head"])
+    if world > 1:  # buffers (BatchNorm statistics) stay per GPU; not every branch uses every module
+        run["net"] = nn.parallel.DistributedDataParallel(
+            run["net"], device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+            find_unused_parameters=True)
     if args.fd:  # frozen copy of the pretrained network, made before any training
         run["imagenet"] = copy.deepcopy(student).eval().requires_grad_(False)
     if args.mode != "source-only":
         run["teacher"] = copy.deepcopy(student).requires_grad_(False)
-    if "mfm" in args.aux:
-        run["rebuilder"] = Rebuilder(student.feat_channels, args.mfm_dim, args.mfm_grid, args.mfm_depth,
-                                     args.mfm_heads, mask_ratio=args.mask_ratio).to(device)
-    if "cmim" in args.aux:  # choice: trained like the Rebuilder (its LR group)
-        run["cmim_head"] = baselines.ClassWiseReconstructor(student.feat_channels).to(device)
+        for module in run["teacher"].modules():
+            if isinstance(module, STOCHASTIC):
+                module.eval()
+    groups = student.param_groups(args.lr)
     for name in TRAINED_AUX_MODULES:
         if run[name] is not None:
             groups.append(dict(params=list(run[name].parameters()), lr=args.lr_rebuilder, name=name))
@@ -293,6 +373,9 @@ def build_run(args, num_classes):
         group["base_lr"] = group["lr"]
     run["optimizer"] = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     run["scaler"] = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")
+    if args.compile:  # after the copies: the teacher and the ImageNet copy stay plain modules
+        student.encode, student.decode = (torch.compile(f, backend=args.compile) for f in (student.encode,
+                                                                                            student.decode))
     return run
 
 
@@ -302,7 +385,22 @@ def export(run, args, done):
     return dict(model=run["student"].state_dict(), model_config=run["student"].config, config=vars(args), step=done)
 
 
-def save_checkpoint(run, args, done, best):
+def save_checkpoint(run, args, done):
+    """ckpt.pt (everything to resume, each rank's RNG state) and model.pt; rank 0 writes. Every rank must call it:
+    it gathers the RNG states and checks that the teacher is the same on every rank."""
+    rng = dict(torch=torch.get_rng_state(), python=random.getstate(),
+               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    teacher = run["teacher"] or run["student"]
+    checksum = float(sum(p.detach().double().sum() for p in teacher.parameters()))
+    ranks = [(rng, checksum)]
+    if run["world"] > 1:
+        ranks = [None] * run["world"]
+        dist.all_gather_object(ranks, (rng, checksum))
+        if len({c for _, c in ranks}) > 1:
+            raise RuntimeError(f"the teacher differs between GPUs after {done} iterations (checksums "
+                                f"{[c for _, c in ranks]}); not saving")
+    if dist.is_initialized() and dist.get_rank() > 0:
+        return
     for name in ("student", "teacher", *TRAINED_AUX_MODULES):  # never write a NaN model over a good one
         module = run[name]
         if module is not None and not torch.stack([p.isfinite().all() for p in module.parameters()]).all():
@@ -310,15 +408,14 @@ def save_checkpoint(run, args, done, best):
     weights = export(run, args, done)
     state = dict(weights, **{name: run[name].state_dict() if run[name] is not None else None
                              for name in ("teacher", *TRAINED_AUX_MODULES)})
-    state.update(optimizer=run["optimizer"].state_dict(), scaler=run["scaler"].state_dict(), best=best,
-                 rng=dict(torch=torch.get_rng_state(), python=random.getstate(),
-                          cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
+    state.update(optimizer=run["optimizer"].state_dict(), scaler=run["scaler"].state_dict(),
+                 rng=[r for r, _ in ranks])
     models.atomic_save(state, Path(args.out) / "ckpt.pt", keep_previous=True)
     models.atomic_save(weights, Path(args.out) / "model.pt")
 
 
-def load_checkpoint(run, args):
-    """Restore everything of a --resume; returns (iterations done, best). Refuses a checkpoint of another config."""
+def load_checkpoint(run, args, rank=0):
+    """Restore everything of a --resume; returns the iterations done. Refuses a checkpoint of another config."""
     path = Path(args.out) / "ckpt.pt" if args.resume == "auto" else Path(args.resume)
     try:
         ckpt = models.load_checkpoint(path)
@@ -336,11 +433,12 @@ def load_checkpoint(run, args):
     for name in ("teacher", *TRAINED_AUX_MODULES, "optimizer", "scaler"):
         if run[name] is not None:
             run[name].load_state_dict(ckpt[name])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    random.setstate(ckpt["rng"]["python"])
-    if ckpt["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    return ckpt["step"], ckpt["best"]
+    rng = ckpt["rng"][rank % len(ckpt["rng"])]  # exact when resumed with as many processes as it was run with
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return ckpt["step"]
 
 
 @contextlib.contextmanager
@@ -358,83 +456,108 @@ def signals_to_flag():
 
 
 def log(out, record):
+    """Append one line of strict JSON to log.jsonl (NaN/inf become null: jq and JavaScript reject them)."""
     with open(Path(out) / "log.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(evaluation.finite(record), allow_nan=False) + "\n")
 
 
 # ----------------------------------------------------------------------------- main loop
 def train(args):
     out = Path(args.out)
-    if not args.resume and ((out / "ckpt.pt").exists() or (out / "config.json").exists()):
+    rank, world = setup_distributed(args)
+    if rank == 0 and not args.resume and ((out / "ckpt.pt").exists() or (out / "config.json").exists()):
         raise ConfigError(f"--out {out} already holds a run (config.json / ckpt.pt). Continue it with --resume, "
                           "or choose another --out; nothing was overwritten.")
     set_seed(args.seed, args.deterministic)
+    keys = None
+    if args.labeled is not None:  # the draw depends on the seed only: every rank gets the same split
+        keys = data.labeled_split(args.target, args.data_root,
+                                  int(args.labeled) if args.labeled.isdigit() else args.labeled, args.seed)
+    if rank > 0:  # rank 0 first: it writes the RCS statistics cache that the others then read
+        dist.barrier()
     src = data.build_dataset(args.source, args.data_root, "train", crop_size=args.crop_size, seed=args.seed,
-                             rcs=args.rcs, rcs_cache=out / "rcs_stats.json")
+                             rcs=args.rcs, rcs_cache=out / "rcs_stats.json", keys=keys, source=True)
+    if rank == 0 and world > 1:
+        dist.barrier()
     tgt = data.build_dataset(args.target, args.data_root, "train", crop_size=args.crop_size, seed=args.seed + 1)
     val = data.build_dataset(args.target, args.data_root, "val", train=False)
     run = build_run(args, src.num_classes)
-    start, best = load_checkpoint(run, args) if args.resume else (0, None)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"cannot create the output folder --out {out}: {err}") from err
-    config_path = out / "config.json"
-    history = json.loads(config_path.read_text())["argv"] if config_path.exists() else []
-    config_path.write_text(json.dumps(dict(config=vars(args), argv=history + [sys.argv]), indent=2))
+    if world > 1:  # augmentation, ClassMix and masks differ per rank; the weights were made (and broadcast) above
+        torch.manual_seed(args.seed + rank)
+        random.seed(args.seed + rank)
+    start = load_checkpoint(run, args, rank) if args.resume else 0
+    if rank == 0:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"cannot create the output folder --out {out}: {err}") from err
+        config_path = out / "config.json"
+        history = json.loads(config_path.read_text())["argv"] if config_path.exists() else []
+        config_path.write_text(json.dumps(dict(config=vars(args), argv=history + [sys.argv], world_size=world),
+                                          indent=2))
+        if keys is not None:
+            data.write_split(out / "labeled.txt", args.target, keys)
 
     device = torch.device(args.device)
     channels_last = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    src_iter, tgt_iter = (data.train_loader(ds, args.batch_size, start, args.workers, args.seed, device.type == "cuda")
-                          for ds in (src, tgt))
+    src_iter, tgt_iter = (data.train_loader(ds, args.batch_size, start, args.workers, args.seed,
+                                            device.type == "cuda", rank, world) for ds in (src, tgt))
     stop = min(args.iters, args.stop_at or args.iters)
-    bar = tqdm(range(start, stop), initial=start, total=stop, desc=f"{args.source}->{args.target} {args.mode}")
-    tick, result, step = time.time(), None, start - 1
+    bar = tqdm(range(start, stop), initial=start, total=stop, desc=f"{args.source}->{args.target} {args.mode}",
+               disable=rank > 0)
+    tick, result, step, logged = time.time(), None, start - 1, start
     with signals_to_flag() as stop_signal:
         for step in bar:
-            x_src, y_src = (t.to(device, non_blocking=True) for t in next(src_iter))
-            x_tgt = next(tgt_iter)[0].to(device, non_blocking=True)  # target labels are never used for training
-            x_src, x_tgt = (x.contiguous(memory_format=channels_last) for x in (x_src, x_tgt))
             done = step + 1
+            picture = rank == 0 and args.vis_every and done % args.vis_every == 0
+            x_src, y_src = (t.to(device, non_blocking=True) for t in next(src_iter))
+            x_tgt = None  # target labels are never used for training; source-only needs target crops for pictures
+            if run["teacher"] is not None or picture:
+                x_tgt = next(tgt_iter)[0].to(device, non_blocking=True).contiguous(memory_format=channels_last)
+            x_src = x_src.contiguous(memory_format=channels_last)
             try:
                 values, seen = train_step(run, x_src, y_src, x_tgt, step, args)
                 bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in values.items()})
             except NonFiniteLoss as err:
                 if not args.skip_nonfinite:
                     raise
-                log(out, dict(step=done, skipped=str(err)))
+                if rank == 0:
+                    log(out, dict(step=done, skipped=str(err)))
                 values = None
-            if values and args.log_every and done % args.log_every == 0:
+            if world > 1:  # a signal reaches the ranks at different steps: stop all after the same one
+                flag = torch.tensor(float(bool(stop_signal)), device=device)
+                dist.all_reduce(flag)
+                if flag.item() and not stop_signal:
+                    stop_signal.append("SIGTERM")
+            if rank == 0 and values and args.log_every and (done % args.log_every == 0 or done == stop):
                 log(out, dict(step=done, lr=run["optimizer"].param_groups[0]["lr"],
-                              sec_per_iter=(time.time() - tick) / args.log_every, **values))
-                tick = time.time()
-            if values and args.vis_every and done % args.vis_every == 0:
+                              sec_per_iter=(time.time() - tick) / (done - logged), **values))
+                tick, logged = time.time(), done
+            if values and picture:
                 evaluation.save_training_picture(out / "vis" / f"step_{done:06d}.png", run["student"], x_src, y_src,
                                                  x_tgt, seen)
-            if args.eval_every and (done % args.eval_every == 0 or done == args.iters):
+            if rank == 0 and args.eval_every and (done % args.eval_every == 0 or done == args.iters):
                 result = evaluation.evaluate(run["student"], val, args.device, evaluation.DTYPES[args.dtype],
                                              args.source)
                 log(out, dict(step=done, eval=result))
                 bar.write(f"step {done}: {val.name} {val.split} mIoU {result['mIoU']:.2f}")
-                if best is None or result["mIoU"] > best["mIoU"]:
-                    best = dict(step=done, mIoU=result["mIoU"])
-                    models.atomic_save(export(run, args, done), out / "model_best.pt")
             if (args.ckpt_every and done % args.ckpt_every == 0) or done == stop or stop_signal:
-                save_checkpoint(run, args, done, best)
+                save_checkpoint(run, args, done)
             if stop_signal:
                 bar.close()
                 resume = " ".join(a for a in sys.argv if a != "--resume")
-                print(f"\n{stop_signal[0]} received: stopped after step {done}, checkpoint {out / 'ckpt.pt'}.\n"
-                      f"Continue with: python {resume} --resume", file=sys.stderr)
+                if rank == 0:
+                    print(f"\n{stop_signal[0]} received: stopped after step {done}, checkpoint {out / 'ckpt.pt'}.\n"
+                          f"Continue with: python {resume} --resume", file=sys.stderr)
                 sys.exit(128 + getattr(signal, stop_signal[0]))
     bar.close()
     if step + 1 < args.iters:
-        print(f"stopped at step {step + 1} of {args.iters} (--stop-at); continue with --resume.")
+        if rank == 0:
+            print(f"stopped at step {step + 1} of {args.iters} (--stop-at); continue with --resume.")
     elif result is not None:
         print(evaluation.format_table(result))
-        print(f"done: {args.mode} {args.source}->{args.target}, {args.iters} iterations; {val.name} {val.split} "
-              f"mIoU {result['mIoU']:.2f} (best {best['mIoU']:.2f} at step {best['step']}). "
-              f"Weights for inference: {out / 'model.pt'}")
+        print(f"done: {args.mode} {args.source}->{args.target}, {args.iters} iterations; final model: {val.name} "
+              f"{val.split} mIoU {result['mIoU']:.2f}. Weights for inference: {out / 'model.pt'}")
     return result
 
 

@@ -54,22 +54,26 @@ def assert_clean_error(out, *needles):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """An uninterrupted 6-iteration run (source-only keeps it fast; test_train resumes the full method)."""
+    """An uninterrupted 20-iteration run (source-only and 32-px crops keep it fast; test_train resumes the method)."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    assert run_cli("train.py", *FAST, "--iters", 6, "--source-only", "--out", out).returncode == 0
+    assert run_cli("train.py", *FAST, "--iters", 20, "--crop-size", 32, "--source-only", "--out", out).returncode == 0
     return weights(out / "ckpt.pt")
 
 
 def test_kill_9_then_resume_gives_the_uninterrupted_weights(tmp_path, reference):
     out = tmp_path / "run"
-    proc = spawn(*FAST, "--iters", 6, "--ckpt-every", 2, "--source-only", "--out", out)
+    flags = [*FAST, "--iters", 20, "--crop-size", 32, "--ckpt-every", 2, "--log-every", 1, "--source-only",
+             "--out", out]
+    proc = spawn(*flags)
     wait_for(lambda: (out / "ckpt.pt").exists(), proc)
     proc.kill()  # SIGKILL: no handler runs
     proc.wait()
     done = torch.load(out / "ckpt.pt", weights_only=True)["step"]
-    assert done in (2, 4, 6)
-    assert run_cli("train.py", *FAST, "--iters", 6, "--ckpt-every", 2, "--source-only", "--out", out,
-                   "--resume").returncode == 0
+    assert done in range(2, 20, 2)  # killed before the end, so the resume has work to do
+    logged = len((out / "log.jsonl").read_text().splitlines())
+    assert run_cli("train.py", *flags, "--resume").returncode == 0
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()[logged:]]
+    assert [r["step"] for r in records] == list(range(done + 1, 21))  # it went on from the checkpoint's step
     resumed = weights(out / "ckpt.pt")
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
 

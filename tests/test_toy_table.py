@@ -51,3 +51,22 @@ def test_a_failed_run_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(toy_table.subprocess, "run", failing)
     with pytest.raises(SystemExit, match="dacs seed 0 stopped .exit code 1.*the same command continues"):
         toy_table.main(["--methods", "dacs", "--seeds", "0", "--out", str(tmp_path)])
+
+
+def test_semi_supervised_table_runs_the_semi_pair_and_names_its_rows(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def fake_train(cmd, check, cwd):
+        calls.append(cmd)
+        write_run(tmp_path / cmd[cmd.index("--out") + 1].split("/")[-1], 300, 300, iou(10.0 * len(calls), NAN))
+    monkeypatch.setattr(toy_table.subprocess, "run", fake_train)
+    toy_table.main(["--labeled", "20", "--seeds", "0", "--out", str(tmp_path)])
+    assert len(calls) == 4  # supervised-only, self-training, + MFM, + CMIM
+    for cmd in calls:
+        assert cmd[cmd.index("--source") + 1] == cmd[cmd.index("--target") + 1] == "toy-night"
+        assert cmd[cmd.index("--labeled") + 1] == "20"
+    assert ["--source-only" in c for c in calls] == [True, False, False, False]
+    assert ["--aux" in c and "cmim" in c for c in calls] == [False, False, False, True]
+    out = capsys.readouterr().out
+    assert "| supervised-only | 10.0 ± 0.0 |" in out and "| self-training | 20.0 ± 0.0 |" in out
+    assert "| self-training + mfm | 30.0 ± 0.0 |" in out and "| self-training + cmim | 40.0 ± 0.0 |" in out

@@ -66,7 +66,8 @@ def test_gta_to_cityscapes_end_to_end(fake_data, tmp_path):
     pred = np.asarray(Image.open(written[0]))
     assert pred.shape == np.asarray(Image.open(gt[0])).shape  # full label resolution
     assert set(np.unique(pred)) <= set(data.TRAINID_TO_LABELID.values())
-    assert (preds / "aachen").glob("*_color.png")
+    colour = sorted(p.relative_to(preds) for p in preds.rglob("*_color.png"))
+    assert colour == [p.relative_to(preds).with_name(p.stem + "_color.png") for p in written]
 
 
 def test_eval_checkpoint_accepts_ckpt_and_scores_like_a_brute_force(fake_data, tmp_path):
@@ -95,17 +96,39 @@ def toy(out, *extra):
                "--mfm-dim", 64, "--mfm-heads", 4, "--eval-every", 0, "--vis-every", 0, *extra)
 
 
-def test_resume_continues_bit_identically(tmp_path):
-    """Run 4 iterations straight; run 2, stop, resume to 4: the same weights, to the bit."""
-    toy(tmp_path / "a", "--iters", 4)
-    toy(tmp_path / "b", "--iters", 4, "--stop-at", 2)
+def log_steps(run, key="loss_src"):
+    return [r["step"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if key in r]
+
+
+def test_resume_continues_bit_identically_from_the_checkpoints_step(tmp_path):
+    """Run 4 iterations straight; run 2, stop, resume to 4: the same weights, to the bit, and the resumed run
+    starts at step 3 (its log and its progress bar start there; a restart from 0 would log steps 1-2 again)."""
+    toy(tmp_path / "a", "--iters", 4, "--log-every", 1)
+    toy(tmp_path / "b", "--iters", 4, "--stop-at", 2, "--log-every", 1)
     assert torch.load(tmp_path / "b/ckpt.pt", weights_only=True)["step"] == 2
-    toy(tmp_path / "b", "--iters", 4, "--resume")
+    resumed = toy(tmp_path / "b", "--iters", 4, "--resume", "--log-every", 1)
+    assert log_steps(tmp_path / "b") == [1, 2, 3, 4]
+    assert "2/4" in resumed.stderr and "0/4" not in resumed.stderr and "1/4" not in resumed.stderr
     a, b = (torch.load(tmp_path / f"{r}/ckpt.pt", weights_only=True) for r in "ab")
     for part in ("model", "teacher", "rebuilder"):
         assert a[part].keys() == b[part].keys()
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
     assert len(json.loads((tmp_path / "b/config.json").read_text())["argv"]) == 2
+
+
+def test_resume_uses_the_checkpoints_weights(tmp_path):
+    """A checkpoint whose weights were perturbed ends elsewhere than the uninterrupted run; a restart from step 0
+    with the same seed would end exactly at the uninterrupted run's weights."""
+    toy(tmp_path / "a", "--iters", 3, "--no-mfm")
+    toy(tmp_path / "b", "--iters", 3, "--stop-at", 1, "--no-mfm")
+    ckpt = torch.load(tmp_path / "b/ckpt.pt", weights_only=True)
+    for part in ("model", "teacher"):
+        ckpt[part] = {k: v + 0.01 if v.is_floating_point() else v for k, v in ckpt[part].items()}
+    torch.save(ckpt, tmp_path / "b/ckpt.pt")
+    toy(tmp_path / "b", "--iters", 3, "--resume", "--no-mfm")
+    a, b = (torch.load(tmp_path / f"{r}/model.pt", weights_only=True)["model"] for r in "ab")
+    weights = [k for k in a if a[k].is_floating_point()]
+    assert not any(torch.equal(a[k], b[k]) for k in weights)
 
 
 def test_refuses_to_overwrite_a_run_and_names_changed_flags(tmp_path):
@@ -179,3 +202,58 @@ def test_auxiliaries_and_daformer_extras_run_through_the_cli(tmp_path, flags):
 def test_unknown_aux_is_named():
     with pytest.raises(train.ConfigError, match="mae"):
         train.parse_args(["--source", "toy-day", "--target", "toy-night", "--aux", "mfm,mae"])
+
+
+# ----------------------------------------------------------------------------- what a new user hits (#12)
+def strict_json_lines(path):
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+    return [json.loads(line, parse_constant=refuse) for line in Path(path).read_text().splitlines()]
+
+
+def test_log_is_strict_json_holds_the_last_iteration_and_the_final_model_is_the_result(tmp_path, capsys):
+    """3 iterations with --log-every 10: the last iteration's losses are still logged; an evaluation with absent
+    classes (NaN IoU) is written as null; the last line reports the final model, with no best-on-val pick."""
+    out = tmp_path / "run"
+    train.main(["--source", "toy-day", "--target", "toy-night", "--out", str(out), "--iters", "3", "--log-every", "10",
+                "--eval-every", "3", "--vis-every", "0", "--no-mfm"])
+    records = strict_json_lines(out / "log.jsonl")
+    assert [r["step"] for r in records if "loss_mix" in r] == [3]
+    ious = [r for r in records if "eval" in r][0]["eval"]["iou"]
+    assert None in ious  # the toy has no wall, truck, ... : null, not NaN
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "final model" in last and "best" not in last
+    assert not (out / "model_best.pt").exists()
+
+
+def test_source_only_reads_no_target_training_images(tmp_path, monkeypatch):
+    loaded = []
+    real = data.SegDataset.load
+
+    def spy(self, i):
+        loaded.append((self.name, self.split, self.train))
+        return real(self, i)
+    monkeypatch.setattr(data.SegDataset, "load", spy)
+    train.main(["--source", "toy-day", "--target", "toy-night", "--out", str(tmp_path / "run"), "--iters", "2",
+                "--eval-every", "0", "--vis-every", "0", "--source-only"])
+    assert ("toy-night", "train", True) not in loaded and ("toy-day", "train", True) in loaded
+
+
+def test_synthia_benchmark_runs_from_official_layout_to_its_first_step(fake_data, tmp_path):
+    """The paper's second experiment with the default network (ResNetV1c-101 DeepLabV2): SYNTHIA's 16-bit labels
+    are read with the packages of requirements.txt; one step, then the result over 16 and 13 classes."""
+    pytest.importorskip("cv2")
+    from conftest import write_png16, write_rgb
+    rng, root = np.random.default_rng(0), tmp_path / "data"
+    for i in range(2):
+        write_rgb(root / f"synthia/RGB/{i:07d}.png", rng, 96, 48)
+        ids = np.zeros((48, 96, 3), np.uint16)
+        ids[..., 0] = rng.choice([1, 2, 3, 8, 10, 21, 99], (48, 96))  # 99: outside the table -> ignored
+        write_png16(root / f"synthia/GT/LABELS/{i:07d}.png", ids)
+    (root / "cityscapes").symlink_to(fake_data / "cityscapes")
+    out = cli("train.py", "--source", "synthia", "--target", "cityscapes", "--data-root", root,
+              "--out", tmp_path / "run", "--pretrained", "none", "--crop-size", 32, "--iters", 1, "--eval-every", 1,
+              "--mfm-dim", 64, "--mfm-heads", 4).stdout
+    assert "mIoU16" in out and "mIoU13" in out
+    config = json.loads((tmp_path / "run/config.json").read_text())["config"]
+    assert config["backbone"] == "resnet101-v1c"

@@ -1,0 +1,68 @@
+"""Several processes through torchrun (gloo on CPU, 2 ranks): the run trains, every rank ends with the same
+weights although each saw other data, and a 2-process run resumes to the weights of an uninterrupted one."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+ROOT = Path(__file__).resolve().parents[1]
+FLAGS = ["--source", "toy-day", "--target", "toy-night", "--device", "cpu", "--deterministic", "--mfm-dim", "64",
+         "--mfm-heads", "4", "--crop-size", "32", "--eval-every", "0", "--vis-every", "0", "--log-every", "1"]
+# Runs train.main in each rank, then saves what that rank holds in memory (not what rank 0 wrote).
+WRAPPER = """
+import os, sys, torch
+sys.path.insert(0, {root!r})
+import train
+held = {{}}
+build_run = train.build_run
+train.build_run = lambda *a: held.setdefault("run", build_run(*a))
+try:
+    train.main(sys.argv[1:])
+finally:
+    run = held["run"]
+    torch.save({{name: run[name].state_dict() for name in ("student", "teacher", "rebuilder")}},
+               os.path.join(os.environ["RANK_OUT"], "rank" + os.environ["RANK"] + ".pt"))
+"""
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+
+def torchrun(tmp_path, out, *flags):
+    script = tmp_path / "rank_wrapper.py"
+    script.write_text(WRAPPER.format(root=str(ROOT)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", RANK_OUT=str(tmp_path))
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), *FLAGS, "--out", str(out), *map(str, flags)],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+def test_two_ranks_hold_identical_weights_after_different_data(tmp_path):
+    """--aux mfm,mic: the Rebuilder learns only in the MFM branch, whose backward skips the all-reduce
+    (no_sync); its gradient must still be averaged by the step's one all-reduce in the MIC branch."""
+    rank0, rank1 = torchrun(tmp_path, tmp_path / "run", "--iters", 3, "--aux", "mfm,mic")
+    for part in ("student", "teacher", "rebuilder"):
+        params = [k for k in rank0[part] if "running" not in k and "num_batches" not in k]
+        assert all(torch.equal(rank0[part][k], rank1[part][k]) for k in params), part
+    # BatchNorm statistics stay per GPU (broadcast_buffers=False): they differ because the ranks saw other crops
+    stats = [k for k in rank0["student"] if k.endswith("running_mean")]
+    assert not all(torch.equal(rank0["student"][k], rank1["student"][k]) for k in stats)
+    ckpt = torch.load(tmp_path / "run/ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 3 and len(ckpt["rng"]) == 2  # one RNG state per rank
+    assert all(torch.equal(ckpt["model"][k], rank0["student"][k]) for k in ckpt["model"])
+
+
+def test_two_rank_run_resumes_to_the_uninterrupted_weights(tmp_path):
+    straight = torchrun(tmp_path, tmp_path / "a", "--iters", 4)[0]
+    torchrun(tmp_path, tmp_path / "b", "--iters", 4, "--stop-at", 2)
+    resumed = torchrun(tmp_path, tmp_path / "b", "--iters", 4, "--resume")[0]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b/log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # rank 0 alone writes, and the resumed run starts at the checkpoint's step
+    for part in ("student", "teacher", "rebuilder"):
+        assert all(torch.equal(straight[part][k], resumed[part][k]) for k in straight[part]), part
