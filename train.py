@@ -178,6 +178,8 @@ def resolve(args):
             raise ConfigError(f"{flag} {value} is out of range: expected {expected}.")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu.")
+    if args.sync_bn and not args.device.startswith("cuda"):
+        raise ConfigError("--sync-bn needs --device cuda (PyTorch's SyncBatchNorm runs on GPUs only).")
     return args
 
 

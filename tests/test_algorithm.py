@@ -10,6 +10,7 @@ from torch import nn
 
 import models
 import train
+from mfm import Rebuilder, mfm_loss
 
 TINY = ["--source", "toy-day", "--target", "toy-night", "--device", "cpu", "--backbone", "resnet18",
         "--pretrained", "none", "--crop-size", "32", "--mfm-dim", "64", "--mfm-heads", "4", "--mfm-grid", "4"]
@@ -167,3 +168,19 @@ def test_flags_reach_the_rebuilder_and_the_optimizer():
     train.train_step(run, *tiny_batch(), step, args)
     for name, g in groups.items():
         assert g["lr"] == pytest.approx(base[name] * factor), name
+
+
+def test_mfm_gradients_reach_every_mit_stage_and_the_daformer_head():
+    """Multi-level MFM on MiT-B0 + DAFormer head: the loss reaches all four encoder stages, the whole head and
+    every Rebuilder parameter."""
+    torch.manual_seed(0)
+    net = models.build_model(19, "mit_b0")
+    rebuilder = Rebuilder(net.feat_channels, embed_dim=32, grid=2, num_heads=4)
+    label = torch.randint(0, 19, (2, 64, 64))
+    mfm_loss(net.decode, rebuilder, net.encode(torch.rand(2, 3, 64, 64)), label, 0.5).backward()
+
+    def reached(module):
+        return all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+    for i in range(1, 5):
+        assert reached(getattr(net.backbone, f"patch_embed{i}")) and reached(getattr(net.backbone, f"block{i}")), i
+    assert reached(net.head) and reached(rebuilder)

@@ -1,9 +1,12 @@
 """Several processes through torchrun (gloo on CPU, 2 ranks): the run trains, every rank ends with the same
-weights although each saw other data, and a 2-process run resumes to the weights of an uninterrupted one."""
+weights although each saw other data, a 2-process run resumes to the weights of an uninterrupted one, and
+SIGTERM stops both ranks after the same step with a checkpoint."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -66,3 +69,23 @@ def test_two_rank_run_resumes_to_the_uninterrupted_weights(tmp_path):
     assert steps == [1, 2, 3, 4]  # rank 0 alone writes, and the resumed run starts at the checkpoint's step
     for part in ("student", "teacher", "rebuilder"):
         assert all(torch.equal(straight[part][k], resumed[part][k]) for k in straight[part]), part
+
+
+def test_sigterm_stops_every_rank_after_the_same_step_with_a_checkpoint(tmp_path):
+    """torchrun passes SIGTERM to both ranks, which may see it at different steps: they agree on one step, rank 0
+    writes the checkpoint, and the run exits with 128 + SIGTERM instead of hanging in a collective."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(ROOT / "train.py"), *FLAGS, "--out", str(out), "--iters", "1000", "--ckpt-every", "0"],
+                            cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not ((out / "log.jsonl").exists() and (out / "log.jsonl").read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert "--resume" in stderr, stderr[-3000:]
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert 2 <= ckpt["step"] < 1000 and steps[-1] == ckpt["step"]  # stopped after the step it logged last

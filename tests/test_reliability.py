@@ -45,6 +45,13 @@ def weights(path):
     return {f"{part}.{k}": v for part in ("model", "teacher", "rebuilder") for k, v in (ckpt[part] or {}).items()}
 
 
+def main_error(capsys, *argv):
+    """train.main in this process (no interpreter start-up): the SystemExit message plus what argparse printed."""
+    with pytest.raises(SystemExit) as stop:
+        train.main([str(a) for a in argv])
+    return subprocess.CompletedProcess(argv, stop.value.code or 0, "", str(stop.value.code) + capsys.readouterr().err)
+
+
 def assert_clean_error(out, *needles):
     assert out.returncode != 0
     assert "Traceback" not in out.stderr, out.stderr
@@ -120,10 +127,10 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no temp file left behind
 
 
-def test_unwritable_out_is_a_clean_error(tmp_path):
+def test_unwritable_out_is_a_clean_error(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    assert_clean_error(run_cli("train.py", *FAST, "--iters", 1, "--out", blocker / "run"), blocker)
+    assert_clean_error(main_error(capsys, *FAST, "--iters", 1, "--out", blocker / "run"), blocker)
 
 
 def nan_after(monkeypatch, calls):
@@ -158,14 +165,14 @@ def test_skip_nonfinite_goes_on(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- bad input through the CLIs
-def test_missing_data_root_and_wrong_layout(tmp_path):
-    res = run_cli("train.py", "--source", "gta", "--target", "cityscapes", "--data-root", tmp_path / "nowhere",
-                  "--pretrained", "none", "--device", "cpu", "--out", tmp_path / "a")
+def test_missing_data_root_and_wrong_layout(tmp_path, capsys):
+    res = main_error(capsys, "--source", "gta", "--target", "cityscapes", "--data-root", tmp_path / "nowhere",
+                     "--pretrained", "none", "--device", "cpu", "--out", tmp_path / "a")
     assert_clean_error(res, tmp_path / "nowhere", "images")
     (tmp_path / "flat/gta").mkdir(parents=True)
     write_rgb(tmp_path / "flat/gta/00001.png", np.random.default_rng(0), 32, 16)  # images not in images/
-    res = run_cli("train.py", "--source", "gta", "--target", "cityscapes", "--data-root", tmp_path / "flat",
-                  "--pretrained", "none", "--device", "cpu", "--out", tmp_path / "b")
+    res = main_error(capsys, "--source", "gta", "--target", "cityscapes", "--data-root", tmp_path / "flat",
+                     "--pretrained", "none", "--device", "cpu", "--out", tmp_path / "b")
     assert_clean_error(res, "gta/images")
 
 
@@ -173,9 +180,9 @@ def test_missing_data_root_and_wrong_layout(tmp_path):
     (["--mask-ratio", "0"], "--mask-ratio"), (["--mask-ratio", "1"], "--mask-ratio"), (["--iters", "0"], "--iters"),
     (["--batch-size", "-1"], "--batch-size"), (["--crop-size", "100"], "crop_size 100"),
     (["--source", "gta5"], "invalid choice")])
-def test_flags_out_of_range_are_named(tmp_path, flags, needle):
+def test_flags_out_of_range_are_named(tmp_path, capsys, flags, needle):
     # argparse keeps the last occurrence of a flag, so `flags` override FAST
-    assert_clean_error(run_cli("train.py", *FAST, *flags, "--out", tmp_path / "run"), needle)
+    assert_clean_error(main_error(capsys, *FAST, *flags, "--out", tmp_path / "run"), needle)
 
 
 def test_resume_with_another_config_lists_the_fields(tmp_path):
