@@ -2,6 +2,7 @@
 Wall-clock numbers are only checked for being positive, never compared."""
 import json
 
+import pytest
 import torch
 
 import bench
@@ -19,9 +20,10 @@ def test_cpu_peak_bytes_is_what_the_function_holds_at_once():
     assert bench.cpu_peak_bytes(fn) == 6_000_000
 
 
-def test_bench_tiny(tmp_path, capsys):
+@pytest.mark.parametrize("backbone", ["resnet18", "mit_b0"])
+def test_bench_tiny(tmp_path, capsys, backbone):
     out = tmp_path / "bench.json"
-    bench.main(["--device", "cpu", "--backbone", "resnet18", "--crop-size", "32", "--batch-size", "1", "--reps", "1",
+    bench.main(["--device", "cpu", "--backbone", backbone, "--crop-size", "32", "--batch-size", "1", "--reps", "1",
                 "--warmup", "0", "--no-loader", "--json", str(out)])
     report = json.loads(out.read_text())
     assert set(report["modes"]) == {"source-only", "dacs", "dacs+mfm"}
