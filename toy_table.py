@@ -35,7 +35,10 @@ def final_eval(run_dir):
         return None
     evals = [r for r in map(json.loads, log.read_text().splitlines()) if "eval" in r]
     config = json.loads((Path(run_dir) / "config.json").read_text())["config"]
-    return evals[-1]["eval"] if evals and evals[-1]["step"] == config["iters"] else None
+    if not evals or evals[-1]["step"] != config["iters"]:
+        return None
+    result = evals[-1]["eval"]  # the log is strict JSON: the IoU of a class absent everywhere is null
+    return dict(result, iou=[float("nan") if v is None else v for v in result["iou"]])
 
 
 def table(results, methods, seeds, names=None):

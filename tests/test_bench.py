@@ -37,3 +37,14 @@ def test_bench_tiny(tmp_path, capsys, backbone):
     assert dacs["params"] == mfm["params"] > 0 and report["checks"]["same_architecture"]
     assert dacs["median_s"] > 0 and mfm["median_s"] > 0
     assert "| dacs+mfm |" in capsys.readouterr().out and "| dacs+mfm |" in report["table"]
+
+
+@pytest.mark.parametrize("groups", [1, 8])
+def test_conv_backward_flops_count_groups(groups):
+    """A conv's backward = grad input + grad weight, each as many multiply-adds as the forward: 2 x forward."""
+    conv = torch.nn.Conv2d(8, 16, 3, padding=1, groups=groups)
+    x = torch.rand(2, 8, 10, 10, requires_grad=True)
+    forward = 2 * (2 * 16 * 10 * 10) * (8 // groups) * 9  # 2 FLOPs per multiply-add
+    with bench.count_flops() as counter:
+        conv(x).sum().backward()
+    assert counter.get_total_flops() == 3 * forward

@@ -16,7 +16,8 @@ def write_run(run_dir, step, iters, iou):
     miou = sum(v for v in iou if not math.isnan(v)) / sum(not math.isnan(v) for v in iou)
     with open(run_dir / "log.jsonl", "a") as f:
         f.write(json.dumps({"step": step, "loss_src": 1.0}) + "\n")
-        f.write(json.dumps({"step": step, "eval": {"iou": iou, "mIoU": miou}}) + "\n")
+        record = {"step": step, "eval": {"iou": [None if math.isnan(v) else v for v in iou], "mIoU": miou}}
+        f.write(json.dumps(record, allow_nan=False) + "\n")  # as train.py writes it: strict JSON, null for NaN
 
 
 def iou(road, building):
