@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import data
@@ -72,29 +72,38 @@ def save_prediction(pred, name, out_dir):
 
 
 def save_training_picture(path, student, x_src, y_src, x_tgt, seen):
-    """train.py's vis/ pictures: one PNG, one row per image (at most 2): source | source label | target |
-    pseudo-label | mixed image | MFM mask over the target (masked cells darkened) | student prediction.
-    The student predicts in eval mode (a picture must not move BatchNorm statistics) and is left in train mode."""
+    """train.py's vis/ pictures: one PNG, a header naming the panels, one row per image (at most 2): source |
+    source label | target | pseudo-label | mixed image | MFM mask over the target (masked cells darkened) |
+    student prediction. The student predicts in eval mode (a picture must not move BatchNorm statistics) and is
+    left in train mode."""
     with torch.no_grad():
         pred = models.upsample(student.eval()(x_tgt), x_tgt.shape[-2:]).argmax(1)
     student.train()
 
     def rgb(x):
         return (x.detach().float().clamp(0, 1) * 255).byte().permute(1, 2, 0).cpu().numpy()
+    names = ["source", "source label", "target"] + ["pseudo-label", "mixed"] * ("pseudo_label" in seen)
+    names += ["MFM mask"] * ("mfm_mask" in seen) + ["prediction"]
     rows = []
     for i in range(min(2, len(x_src))):
         panels = [rgb(x_src[i]), data.colorize(y_src[i].cpu()), rgb(x_tgt[i])]
         if "pseudo_label" in seen:
             panels += [data.colorize(seen["pseudo_label"][i].cpu()), rgb(seen["x_mix"][i])]
-        if "mfm_mask" in seen:
-            mask = models.upsample(seen["mfm_mask"][i:i + 1].float(), x_tgt.shape[-2:])[0]
+        if "mfm_mask" in seen:  # grid cells: nearest, so that a masked cell stays a sharp square
+            mask = torch.nn.functional.interpolate(seen["mfm_mask"][i:i + 1].float(), x_tgt.shape[-2:])[0]
             panels.append(rgb(x_tgt[i] * (1 - 0.7 * mask)))
         panels.append(data.colorize(pred[i].cpu()))
         rows.append(np.concatenate(panels, axis=1))
     picture = Image.fromarray(np.concatenate(rows, axis=0))
     scale = max(1, 256 // picture.height)  # toy crops are tiny: enlarge so that people can see them
+    picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    canvas = Image.new("RGB", (picture.width, picture.height + 14), "white")
+    canvas.paste(picture, (0, 14))
+    draw, width = ImageDraw.Draw(canvas), picture.width // len(names)
+    for k, name in enumerate(names):
+        draw.text((k * width + 3, 1), name, fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
-    picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST).save(path)
+    canvas.save(path)
 
 
 @torch.no_grad()

@@ -47,6 +47,8 @@ def test_gta_to_cityscapes_end_to_end(fake_data, tmp_path):
     assert all(np.isfinite([r["loss_src"], r["loss_mix"], r["loss_mfm"]]).all() for r in steps)
     assert [r["step"] for r in records if "eval" in r] == [4]
     assert sorted(p.name for p in (run / "vis").iterdir()) == ["step_000002.png", "step_000004.png"]
+    picture = np.asarray(Image.open(run / "vis/step_000004.png"))  # header row of panel names, 2 rows x 7 panels
+    assert picture.shape == (14 + 2 * 128, 7 * 128, 3) and (picture[:14] < 128).any()
 
     exported = torch.load(run / "model.pt", weights_only=True)
     assert set(exported) == {"model", "model_config", "config", "step"}
