@@ -23,6 +23,9 @@ CMIM, our reading of S4MIM (arXiv 2411.08756; only the abstract is known). What 
 regions are reconstructed per class from visible pixels of the same class only, and a feature-aggregation
 loss pulls masked and visible features of one class together. Everything else is our interpretation:
   - classes come from the teacher's pseudo-labels (the paper is semi-supervised; we have no target labels);
+  - in the semi-supervised setting (train.py --labeled) too: CMIM runs on the unlabelled batch with the
+    teacher's pseudo-labels, and the labelled batch's ground truth is not used for it, so the auxiliary is the
+    same in both settings and costs the same (the abstract does not say which S4MIM does);
   - the mask is random_block_mask with 16-px patches, ratio 0.5; for each (image, class) pair the input is
     the image with only the visible pixels of that class kept, the rest filled like MIC; the pairs are
     stacked along the batch (one encoder pass), at most `max_classes` random classes per image (cost);
