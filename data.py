@@ -45,6 +45,7 @@ CITYSCAPES_LUT = np.full(256, IGNORE_INDEX, np.uint8)  # label id -> trainId, ui
 CITYSCAPES_LUT[list(CITYSCAPES_ID_TO_TRAINID)] = list(CITYSCAPES_ID_TO_TRAINID.values())
 SYNTHIA_LUT = np.full(65536, IGNORE_INDEX, np.uint8)  # SYNTHIA ids are 16-bit
 SYNTHIA_LUT[list(SYNTHIA_ID_TO_TRAINID)] = list(SYNTHIA_ID_TO_TRAINID.values())
+_LABEL_SUFFIX = "_gtFine_labelIds.png"  # Cityscapes labels we read (split files may name labelTrainIds)
 MAX_LABEL_ID = 33  # the largest id of the official Cityscapes table (bicycle); GTA uses the same ids
 NOT_IDS_FRACTION = 0.5  # *choice*: a label with more of its pixels outside 0-33 is no label-id map: rejected
 DATASETS = ("gta", "synthia", "cityscapes", "toy-day", "toy-night")
@@ -125,7 +126,7 @@ def _list_files(name, root, split):
         "gta": ("gta/images", "gta/labels", "*", ".png", ".png"),
         "synthia": ("synthia/RGB", "synthia/GT/LABELS", "*", ".png", ".png"),
         "cityscapes": (f"cityscapes/leftImg8bit/{split}", f"cityscapes/gtFine/{split}", "*/*", "_leftImg8bit.png",
-                       "_gtFine_labelIds.png")}[name]
+                       _LABEL_SUFFIX)}[name]
     img_dir, lbl_dir = root / img_dir, root / lbl_dir
     for d in (root, img_dir, lbl_dir):
         if not d.is_dir():
@@ -372,7 +373,6 @@ def build_dataset(name, root="data", split="train", train=True, crop_size=512, s
 # UniMatch line: image and trainIds label; U2PL line: the image alone; both maybe under a folder (cityscapes/)
 _SPLIT_LINE = re.compile(r"(?:\S*/)?leftImg8bit/train/([^/\s]+/[^/\s]+)_leftImg8bit\.png"
                          r"(?:\s+(?:\S*/)?gtFine/train/\1_gtFine_label(?:Train)?Ids\.png)?")
-_LABEL_SUFFIX = "_gtFine_labelIds.png"
 
 
 def labeled_split(name, root, spec, seed):
@@ -467,7 +467,8 @@ def _rgb_to_hsv(img):
     """(N,3,H,W) RGB -> H in radians [0, 2π), S, V, each (N,H,W), as kornia 0.5.8: V = max, S = (max - min) /
     (V + 1e-6), H from the first channel holding the max (grey: H = 0)."""
     r, g, b = img.unbind(1)
-    v, delta = img.amax(1), img.amax(1) - img.amin(1)
+    v = img.amax(1)
+    delta = v - img.amin(1)
     d = torch.where(delta > 0, delta, torch.ones_like(delta))
     h = torch.where(r == v, (g - b) / d, torch.where(g == v, 2 + (b - r) / d, 4 + (r - g) / d))
     return 2 * math.pi * ((h / 6) % 1), delta / (v + 1e-6), v
@@ -490,6 +491,8 @@ def _jitter(img, factors, order):
     out, order = img.clone(), order.cpu()
     for step, op in itertools.product(range(4), range(4)):
         idx = (order[:, step] == op).nonzero().flatten()  # on the CPU: no device sync
+        if not len(idx):
+            continue
         x, k = out[idx.to(img.device)], factors[idx, op].to(img).view(-1, 1, 1)
         if op < 2:  # brightness: additive; contrast: a plain multiply (no mean)
             x = (x + (k[:, None] - 1) if op == 0 else x * k[:, None]).clamp(0, 1)

@@ -473,8 +473,7 @@ def train(args):
     set_seed(args.seed, args.deterministic)
     keys = None
     if args.labeled is not None:  # the draw depends on the seed only: every rank gets the same split
-        keys = data.labeled_split(args.target, args.data_root,
-                                  int(args.labeled) if args.labeled.isdigit() else args.labeled, args.seed)
+        keys = data.labeled_split(args.target, args.data_root, args.labeled, args.seed)  # N or a split file
     if rank > 0:  # rank 0 first: it writes the RCS statistics cache that the others then read
         dist.barrier()
     src = data.build_dataset(args.source, args.data_root, "train", crop_size=args.crop_size, seed=args.seed,
