@@ -188,18 +188,24 @@ def weighted_cross_entropy(logits, label, weight=1.0, ignore_index=IGNORE_INDEX)
     return (ce * weight).mean()
 
 
-def mfm_loss(decoder, rebuilder, feats, pseudo_label, weight=1.0, ignore_index=IGNORE_INDEX, return_mask=False):
+def mfm_loss(decoder, rebuilder, feats, pseudo_label, weight=1.0, ignore_index=IGNORE_INDEX, return_mask=False,
+             loss_fn=None):
     """L_mfm = CE(D(R(f)) upsampled to label size, pseudo-label) * confidence weight.
 
     decoder: callable, features -> logits (B, K, h, w); feats: (B, C, h, w) or a list of levels;
     pseudo_label: (B, H, W) int64; weight: scalar or (B, H, W). λ is applied by the caller.
+    loss_fn: callable (decoder output, pseudo_label, weight) -> scalar, replacing upsample + CE (for frameworks
+    such as HRDA whose decoder returns more than one map); None = bilinear upsample + weighted CE (ignore_index).
     Returns the loss, or (loss, mask (B, 1, h, w)) with return_mask=True.
     """
     rebuilt, mask = rebuilder(feats)
-    logits = decoder(rebuilt)
-    if logits.shape[-2:] != pseudo_label.shape[-2:]:
-        logits = F.interpolate(logits, size=pseudo_label.shape[-2:], mode="bilinear", align_corners=False)
-    loss = weighted_cross_entropy(logits, pseudo_label, weight, ignore_index)
+    out = decoder(rebuilt)
+    if loss_fn is not None:
+        loss = loss_fn(out, pseudo_label, weight)
+    else:
+        if out.shape[-2:] != pseudo_label.shape[-2:]:
+            out = F.interpolate(out, size=pseudo_label.shape[-2:], mode="bilinear", align_corners=False)
+        loss = weighted_cross_entropy(out, pseudo_label, weight, ignore_index)
     return (loss, mask) if return_mask else loss
 
 

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from mfm import weighted_cross_entropy
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB; torchvision's, open-mmlab's and SegFormer's ImageNet weights use them
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RESNETS = ("resnet101-v1c", "resnet101", "resnet50", "resnet18")  # resnet18: our CPU toy, not the paper's
@@ -73,6 +75,11 @@ class _EncoderDecoder(nn.Module):
         """encode's output -> logits, DeepLabV2 (B, K, H/8, W/8), DAFormer (B, K, H/4, W/4). MFM runs this on
         the reconstructed features."""
         return self.head(feats)
+
+    def seg_loss(self, out, label, weight=1.0):
+        """decode's output -> the training loss against a label (B, H, W); a training framework such as HRDA
+        overrides it. weight: scalar or (B, H, W) confidence."""
+        return weighted_cross_entropy(upsample(out, label.shape[-2:]), label, weight)
 
     def forward(self, x):
         return self.decode(self.encode(x))
@@ -283,6 +290,21 @@ class MiT(nn.Module):
         return feats
 
 
+def init_decode_head(module):
+    """Initialise a decode head as mmcv's ConvModule (what DAFormer/mmseg heads use): every Conv2d Kaiming-normal,
+    mode fan_out, ReLU gain, fan_out = C_out*k*k (not divided by groups: a depthwise 3x3 with 1024 channels gets
+    std sqrt(2/(1024*9)) ~ 0.0147), zero bias; BatchNorm 1/0; nn.Linear keeps PyTorch's default (DAFormer keeps it
+    for its embeddings). The caller then sets the classifier to Normal(0, 0.01), bias 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.normal_(m.weight, 0.0, (2.0 / (m.out_channels * m.kernel_size[0] * m.kernel_size[1])) ** 0.5)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 def _conv_bn_relu(cin, cout, kernel=1, dilation=1, groups=1):
     return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=dilation * (kernel // 2), dilation=dilation,
                                    groups=groups, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
@@ -301,8 +323,9 @@ class DAFormerHead(nn.Module):
         self.bottleneck = _conv_bn_relu(embed * len(self.fusion), embed, 3)
         self.dropout = nn.Dropout2d(0.1)
         self.classifier = nn.Conv2d(embed, num_classes, 1)
-        _init_weights(self)
-        nn.init.normal_(self.classifier.weight, 0.0, 0.01)  # DAFormer's classifier init
+        init_decode_head(self)
+        nn.init.normal_(self.classifier.weight, 0.0, 0.01)  # DAFormer's classifier init (mmseg BaseDecodeHead)
+        nn.init.zeros_(self.classifier.bias)
 
     def forward(self, feats):
         """[(B, C_i, h_i, w_i)] -> logits (B, K, h_1, w_1)"""
