@@ -26,8 +26,16 @@ list back:
     rebuilder = Rebuilder(in_channels=[64, 128, 320, 512])        # 14,545,280 parameters
     loss = mfm_loss(daformer.decode, rebuilder, daformer.encode(x_tgt), pl, q)   # stages 128/64/32/16 at 512
 
+A dict of levels (torchvision's backbones return one, e.g. LR-ASPP's {"low", "high"}) comes back as a dict with
+the same keys, so such a head takes the rebuilt levels as it takes the backbone's:
+
+    rebuilder = Rebuilder(in_channels=[40, 960])                  # lraspp_mobilenet_v3_large: strides 8, 16
+    loss = mfm_loss(model.classifier, rebuilder, model.backbone(x_tgt), pl, q)
+
 Defaults follow the paper (METHOD.md §3): C'=512, grid 16, depth 2, 16 heads, MLP ratio 4, mask ratio 0.4.
 """
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -159,9 +167,11 @@ class Rebuilder(nn.Module):
         return self.norm(tokens).transpose(1, 2).reshape(B, D, g, g)
 
     def forward(self, feats):
-        """feats (B, C, h, w) [or list of levels] -> (f_rec like feats, mask (B, 1, h, w) of the last level,
-        1 = masked). Visible positions are the input features themselves (gradient included)."""
-        levels = list(feats) if self.multi_level else [feats]
+        """feats (B, C, h, w) [or a list of levels, or a dict of them in that order: a torchvision backbone's
+        output] -> (f_rec like feats, mask (B, 1, h, w) of the last level, 1 = masked). Visible positions are
+        the input features themselves (gradient included)."""
+        named = isinstance(feats, Mapping)
+        levels = list(feats.values()) if named else list(feats) if self.multi_level else [feats]
         if len(levels) != len(self.projectors):
             raise ValueError(f"Rebuilder was built for {len(self.projectors)} levels (in_channels), got {len(levels)}")
         last = levels[-1]
@@ -178,6 +188,8 @@ class Rebuilder(nn.Module):
             m = F.interpolate(keep, size=f.shape[-2:], mode="nearest").to(f.dtype)
             rebuilt.append(f * m + offset.to(f.dtype) * (1 - m))
         mask = 1 - F.interpolate(keep, size=last.shape[-2:], mode="nearest")
+        if named:
+            return dict(zip(feats, rebuilt)), mask
         return (rebuilt if self.multi_level else rebuilt[0]), mask
 
 
@@ -192,7 +204,7 @@ def mfm_loss(decoder, rebuilder, feats, pseudo_label, weight=1.0, ignore_index=I
              loss_fn=None):
     """L_mfm = CE(D(R(f)) upsampled to label size, pseudo-label) * confidence weight.
 
-    decoder: callable, features -> logits (B, K, h, w); feats: (B, C, h, w) or a list of levels;
+    decoder: callable, features -> logits (B, K, h, w); feats: (B, C, h, w) or a list (or dict) of levels;
     pseudo_label: (B, H, W) int64; weight: scalar or (B, H, W). λ is applied by the caller.
     loss_fn: callable (decoder output, pseudo_label, weight) -> scalar, replacing upsample + CE (for frameworks
     such as HRDA whose decoder returns more than one map); None = bilinear upsample + weighted CE (ignore_index).

@@ -344,3 +344,19 @@ def test_imports_alone_with_only_torch(tmp_path):
     assert out.returncode == 0, out.stderr
     assert str(tmp_path) in out.stdout and out.stdout.strip().endswith("[]")
     assert "torch.Size([1, 64, 8, 8])" in out.stdout
+
+
+def test_rebuilder_takes_and_returns_a_dict_of_levels():
+    """torchvision's backbones return an ordered dict, shallowest first: the Rebuilder gives back the same keys,
+    and a dict gives exactly what the list of its values gives (same seed, same mask)."""
+    rebuilder = Rebuilder([8, 16], embed_dim=32, grid=4, num_heads=4)
+    low, high = torch.randn(2, 8, 8, 8), torch.randn(2, 16, 4, 4)
+    torch.manual_seed(0)
+    rebuilt, mask = rebuilder({"low": low, "high": high})
+    torch.manual_seed(0)
+    as_list, mask_list = rebuilder([low, high])
+    assert list(rebuilt) == ["low", "high"]
+    assert torch.equal(rebuilt["low"], as_list[0]) and torch.equal(rebuilt["high"], as_list[1])
+    assert torch.equal(mask, mask_list)
+    with pytest.raises(ValueError, match="2 levels"):
+        rebuilder({"high": high})
