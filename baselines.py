@@ -75,16 +75,17 @@ def random_block_mask(batch, height, width, block, ratio, device=None):
     return keep.repeat_interleave(block, 2).repeat_interleave(block, 3)[..., :height, :width]
 
 
+def constant(values, like):
+    """Small constant tensor on like's device and dtype, filled there: torch.tensor(values, device=cuda) copies
+    from pageable host memory, which waits for the GPU to finish its queue."""
+    return torch.stack([torch.full((), v, dtype=like.dtype, device=like.device) for v in values])
+
+
 def mask_image(x, keep):
     """x (B, 3, H, W) in [0, 1], keep (B, 1, H, W) -> x where keep is 1, MASK_FILL elsewhere."""
-    fill = torch.tensor(MASK_FILL, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    fill = constant(MASK_FILL, x).view(1, 3, 1, 1)
     keep = keep.to(x.dtype)
     return x * keep + fill * (1 - keep)
-
-
-def _zero_like_graph(*modules):
-    """A zero loss connected to the modules' parameters, so that .backward() works when nothing qualifies."""
-    return 0.0 * sum(p.sum() for m in modules for p in m.parameters())
 
 
 # ----------------------------------------------------------------------------- MIC (METHOD.md §6)
@@ -139,24 +140,26 @@ def cmim_loss(student, head, x_tgt, pseudo_label, weight=1.0, patch=CMIM_PATCH, 
     parts["sample"], parts["cls"] (N,) which image and class each pair is, parts["keep"] (B, 1, H, W)."""
     B, _, H, W = x_tgt.shape
     keep = random_block_mask(B, H, W, patch, ratio, x_tgt.device)
-    pairs = []
-    for b in range(B):  # the classes differ per image: a loop over the batch, as data.class_mix
-        classes = torch.unique(pseudo_label[b])
-        classes = classes[classes != IGNORE_INDEX].cpu()
-        if max_classes is not None:
-            classes = classes[torch.randperm(len(classes))[:max_classes]]
-        pairs += [(b, int(c)) for c in classes]
-    if not pairs:
-        loss = _zero_like_graph(student, head)
-        empty = torch.zeros(0, device=x_tgt.device)
-        return (loss, dict(recon=empty, agg=empty, sample=empty.long(), cls=empty.long(), keep=keep)) \
-            if return_parts else loss
-    sample = torch.tensor([b for b, _ in pairs], device=x_tgt.device)
-    cls = torch.tensor([c for _, c in pairs], device=x_tgt.device)
-    region = (pseudo_label[sample] == cls.view(-1, 1, 1)).unsqueeze(1).float()  # (N, 1, H, W) pixels of c
+    ids = pseudo_label.reshape(B, -1)
+    present = torch.zeros(B, 256, device=x_tgt.device).scatter_(1, ids, 1.0) > 0  # (B, 256) classes per image
+    present[:, IGNORE_INDEX] = False
+    per_image = int(present.sum(1).max()) if max_classes is None else max_classes  # None: one host sync
+    # A fixed number of (image, class) pairs, classes in a random order per image, drawn on the device: no
+    # torch.unique / .cpu() per image. Images with fewer classes get empty pairs, which count nowhere below.
+    keys = torch.rand(B, 256, device=x_tgt.device).masked_fill(~present, 2.0)
+    cls = keys.argsort(1)[:, :max(per_image, 1)]  # (B, M)
+    valid = present.gather(1, cls).flatten()
+    sample = torch.arange(B, device=x_tgt.device).repeat_interleave(cls.shape[1])
+    cls = cls.flatten()
+    region = ((pseudo_label[sample] == cls.view(-1, 1, 1)) & valid.view(-1, 1, 1)).unsqueeze(1).float()
     visible, masked = region * keep[sample], region * (1 - keep[sample])
     w = torch.as_tensor(weight, device=x_tgt.device).float().expand(B, H, W)[sample].unsqueeze(1)
 
+    # A from-scratch MiT (zero biases, SegFormer's init) turns the fill colour (0 after normalisation) into
+    # tokens that stay exactly 0 through every stage; each LayerNorm then scales their gradient by 1/sqrt(eps)
+    # (1000 at eps 1e-6) and a few dozen in a row overflow float32: the NaN gradients of `--backbone mit_b0
+    # --aux cmim` from scratch. ImageNet weights (non-zero biases) do not do this; train.py's gradient check
+    # stops or skips such a step before any weight changes.
     feats = student.encode(mask_image(x_tgt[sample], visible))  # (N, C, h, w): class c's visible pixels only
     feats = feats[-1] if isinstance(feats, (list, tuple)) else feats
     error = (head(feats, (H, W)).float() - x_tgt[sample].float()).abs().mean(1, keepdim=True)  # (N, 1, H, W)
@@ -188,7 +191,7 @@ def feature_distance_loss(student_feats, imagenet_feats, label, thing_classes=TH
     Multiply by LAMBDA_FD in the caller. ratio must exceed 0.5 (then at most one class can reach it)."""
     if not 0.5 < ratio <= 1.0:
         raise ValueError(f"ratio must lie in (0.5, 1], got {ratio}")
-    things = torch.tensor(thing_classes, device=label.device).view(1, -1, 1, 1)
+    things = constant(thing_classes, label).view(1, -1, 1, 1)
     share = F.adaptive_avg_pool2d((label.unsqueeze(1) == things).float(), student_feats.shape[-2:])  # (B, T, h, w)
     cells = (share >= ratio).any(1).float()  # (B, h, w)
     dist = torch.linalg.vector_norm(student_feats.float() - imagenet_feats.detach().float(), dim=1)  # (B, h, w)

@@ -27,11 +27,13 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 from tqdm import tqdm
 
@@ -40,8 +42,6 @@ import eval as evaluation
 import models
 import train
 
-# Dense bf16 tensor-core peak (TFLOP/s, vendor datasheets), matched as a substring of the device name, first hit.
-PEAK_BF16_TFLOPS = (("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("A100", 312), ("L40S", 362), ("L4", 121))
 GOALS = {"step_s": 1.5, "peak_bytes": 1.15}  # DACS + MFM / DACS, the issue's targets
 CUDA_DEFAULTS = dict(backbone="resnet101-v1c", crop_size=512, dtype="bf16", reps=20, warmup=5, loader_n=32,
                      loader_workers=4)
@@ -67,8 +67,9 @@ def parse_args(argv=None):
                    "the DeepLabV2 feature size, g = MiT's last stage)")
     p.add_argument("--aux", nargs="+", default=[], choices=["mic", "cmim", "mfm,mic"],
                    help="also time DACS + each auxiliary (train.py --aux NAME), e.g. --aux mic cmim")
-    p.add_argument("--peak-tflops", type=float, help="device peak for MFU = FLOPs/step / step time / peak "
-                   "(default: dense bf16 peak from a table keyed by CUDA device name; none on CPU)")
+    p.add_argument("--also-fp32", action="store_true", help="also time DACS + MFM without autocast (fp32, TF32)")
+    p.add_argument("--peak-tflops", type=float, help="device rate for MFU = FLOPs/step / step time / rate "
+                   "(default on CUDA: a measured 8192^2 matmul in the step's precision; none on CPU)")
     p.add_argument("--no-loader", action="store_true", help="skip the data-loader benchmark")
     p.add_argument("--loader-n", type=int, help=f"GTA-sized PNG pairs the loader reads {default('loader_n')}")
     p.add_argument("--loader-workers", type=int, help=f"DataLoader workers compared with 0 {default('loader_workers')}")
@@ -125,6 +126,87 @@ def fresh_memory(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
+class HostSyncCounter(TorchDispatchMode):
+    """Counts the ops of a step that make the host wait for the GPU: reading values (item, tolist, bool), copies
+    between host and device (torch.tensor(..., device=cuda) included), and data-dependent shapes (nonzero,
+    unique, boolean masks: raised, as they cannot run without data). Meant for a step on the meta device, where
+    tensors have shapes but no data, so a CPU-only machine sees what CUDA would wait for: a host-device copy is
+    a cpu<->meta copy, a read of a meta value is answered with zeros. counts: {what: how many}."""
+    DATA_DEPENDENT = {"nonzero", "_unique2", "unique_dim", "unique_consecutive", "masked_select", "argwhere"}
+
+    def __init__(self):
+        super().__init__()
+        self.counts = {}
+
+    def count(self, what):
+        self.counts[what] = self.counts.get(what, 0) + 1
+
+    def __enter__(self):
+        self.factories = torch.tensor, torch.as_tensor
+        for name, factory in zip(("tensor", "as_tensor"), self.factories):
+            setattr(torch, name, self.counted_factory(factory))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.tensor, torch.as_tensor = self.factories
+        return super().__exit__(*exc)
+
+    def counted_factory(self, factory):
+        def make(data, *args, device=None, **kwargs):  # host data copied to a device, which waits for its queue
+            on_device = torch.is_tensor(data) and data.device == torch.device(device or data.device)
+            if device is not None and torch.device(device).type != "cpu" and not on_device:
+                self.count(f"torch.{factory.__name__} to {torch.device(device).type}")
+            return factory(data, *args, device=device, **kwargs)
+        return make
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs, name = kwargs or {}, func.overloadpacket.__name__
+        devices = [a.device.type for a in args if torch.is_tensor(a)]
+        if name in self.DATA_DEPENDENT or (name == "index" and any(
+                torch.is_tensor(i) and i.dtype == torch.bool for i in args[1] if i is not None)):
+            if devices and devices[0] != "cpu":
+                raise RuntimeError(f"aten.{name} on a {devices[0]} tensor: its output shape depends on the data, "
+                                   "a host sync on CUDA")
+        if name == "_local_scalar_dense" and devices[0] != "cpu":
+            self.count("read a value (item/float/bool)")
+            return 0
+        if name in ("_to_copy", "copy_"):
+            src, dst = (args[1].device, args[0].device) if name == "copy_" else (
+                args[0].device, torch.device(kwargs.get("device") or args[0].device))
+            if src.type != dst.type:
+                self.count(f"copy {src.type}->{dst.type}")
+                if dst.type == "cpu":  # the host reads the result: zeros stand in for the data
+                    return torch.zeros(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype)
+        return func(*args, **kwargs)
+
+
+def meta_step_syncs(train_argv, steps=2):
+    """Host syncs per training step of `train.py train_argv`, counted on the meta device (no data, no GPU):
+    {what: count per step}. The data arrive as the loop's pinned, non-blocking copies do (not counted)."""
+    targs = train.parse_args([*train_argv, "--device", "cpu", "--dtype", "fp32"])
+    targs.device = "meta"
+    run = train.build_run(targs, data.SegDataset.num_classes)
+    b, c = targs.batch_size, targs.crop_size
+    x_src, x_tgt = torch.rand(b, 3, c, c, device="meta"), torch.rand(b, 3, c, c, device="meta")
+    y_src = torch.randint(0, data.SegDataset.num_classes, (b, c, c), device="meta")
+    with HostSyncCounter() as counter:
+        for step in range(steps):
+            train.train_step(run, x_src, y_src, x_tgt, step, targs)
+    return {k: v / steps for k, v in counter.counts.items()}
+
+
+def cuda_step_syncs(step):
+    """Host syncs of one call of step() on CUDA, as torch.cuda.set_sync_debug_mode reports them."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def state_bytes(run, grads=True):
     """Bytes of the persistent training state: weights, buffers, AdamW moments and (with grads) gradients of
     student, teacher and the training-only heads (exact on any device; activations are not included)."""
@@ -153,10 +235,10 @@ def cpu_peak_bytes(fn):
 
 def bench_training(name, extra, args, device, export_dir):
     """Time train.train_step for one mode; export the student as train.py does -> (result dict, model.pt path)."""
-    targs = train.parse_args(["--source", "gta", "--target", "cityscapes", "--pretrained", "none",
-                              "--backbone", args.backbone, "--crop-size", str(args.crop_size),
-                              "--batch-size", str(args.batch_size), "--device", args.device, "--dtype", args.dtype,
-                              "--mfm-grid", str(args.mfm_grid), *extra])
+    targs_argv = ["--source", "gta", "--target", "cityscapes", "--pretrained", "none", "--backbone", args.backbone,
+                  "--crop-size", str(args.crop_size), "--batch-size", str(args.batch_size), "--mfm-grid",
+                  str(args.mfm_grid), *extra]
+    targs = train.parse_args(["--device", args.device, "--dtype", args.dtype, *targs_argv])  # extra may set dtype
     fresh_memory(device)
     train.set_seed(0)
     run = train.build_run(targs, data.SegDataset.num_classes)
@@ -171,8 +253,11 @@ def bench_training(name, extra, args, device, export_dir):
         train.train_step(run, x_src, y_src, x_tgt, next(steps), targs)
     result = repeat(step, device, args.warmup, args.reps)
     result["state_bytes"] = state_bytes(run)
+    result["host_syncs"] = cuda_step_syncs(step) if device.type == "cuda" else sum(meta_step_syncs(
+        targs_argv).values())
     with count_flops() as counter:  # one more step, after timing: the counters slow it down
-        if device.type == "cuda":
+        if device.type == "cuda":  # reset after warm-up: cuDNN's autotuning workspaces are not the step's
+            torch.cuda.reset_peak_memory_stats(device)
             step()
             result["peak_bytes"] = torch.cuda.max_memory_allocated(device)
         else:  # what the step keeps from before it (zero_grad drops the gradients first) + what it allocates
@@ -189,9 +274,11 @@ def bench_training(name, extra, args, device, export_dir):
 def bench_inference(paths, args, device):
     """Load each exported model.pt as eval.py's users do; time one forward of a (1, 3, crop, 2*crop) image,
     the models taking turns so that a change in machine load hits them alike. paths: {label: path}."""
-    nets = {label: models.model_from_checkpoint(path, device)[0] for label, path in paths.items()}
-    x = torch.rand(1, 3, args.crop_size, 2 * args.crop_size, device=device)
-    autocast = torch.autocast(device.type, dtype=evaluation.DTYPES[args.dtype], enabled=args.dtype != "fp32")
+    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # as eval.py
+    nets = {label: models.model_from_checkpoint(path, device)[0].to(memory_format=layout)
+            for label, path in paths.items()}
+    x = torch.rand(1, 3, args.crop_size, 2 * args.crop_size, device=device).contiguous(memory_format=layout)
+    autocast = evaluation.autocast(device, args.dtype)
 
     def forward(net):
         with autocast:
@@ -244,13 +331,17 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
-def peak_flops(args, device):
+def matmul_flops_per_s(args, device):
+    """The MFU denominator: --peak-tflops, or on CUDA the measured rate of an 8192^2 matmul in the step's
+    precision (bf16/fp16, or fp32 with TF32 as train.set_seed enables it); None on CPU."""
     if args.peak_tflops:
         return args.peak_tflops * 1e12
-    if device.type != "cuda" or args.dtype == "fp32":
+    if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS if key in name), None)
+    train.set_seed(0)
+    a, b = (torch.randn(8192, 8192, device=device, dtype=evaluation.DTYPES[args.dtype] or torch.float32)
+            for _ in range(2))
+    return 2 * 8192 ** 3 / repeat(lambda: a @ b, device, 3, 10)["median_s"]
 
 
 def markdown(report):
@@ -266,17 +357,20 @@ def markdown(report):
              f"target, {s['dtype']}, MFM grid {s['mfm_grid']}; median (min) of {s['reps']} steps after "
              f"{s['warmup']} warm-up, random tensors (no data loading).")
     lines = [f"**{report['device']}**, torch {report['torch']}: `{report['command']}`", "", setup, "",
-             "| mode | step ms | vs DACS | images/s | GFLOP/step | MFU | peak MiB | vs DACS | state MiB | 40k iters |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| mode | step ms | vs DACS | images/s | GFLOP/step | MFU | peak MiB | vs DACS | state MiB | host syncs "
+             "| 40k iters |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in modes.items():
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"
         lines.append(f"| {name} | {1000 * r['median_s']:.1f} ({1000 * r['min_s']:.1f}) | {ratio(r, 'median_s')} | "
                      f"{r['images_per_s']:.1f} | {r['flops'] / 1e9:,.1f} | {mfu} | {mib(r['peak_bytes'])} | "
-                     f"{ratio(r, 'peak_bytes')} | {mib(r['state_bytes'])} | {r['hours_40k']:.1f} h |")
+                     f"{ratio(r, 'peak_bytes')} | {mib(r['state_bytes'])} | {r['host_syncs']:g} | "
+                     f"{r['hours_40k']:.1f} h |")
     legend = ("peak MiB: the most memory a training step holds (CUDA: torch.cuda.max_memory_allocated; CPU: the "
               "state it keeps plus the profiler's running total of what it allocates); state MiB: weights, buffers, "
               "gradients and AdamW moments of student, teacher and training-only heads; images/s counts source + "
-              "target images.")
+              "target images; host syncs: per step (CUDA: torch.cuda.set_sync_debug_mode; CPU: counted on the meta "
+              "device); MFU: against " + (f"a measured matmul rate of {report['matmul_tflops']:.0f} TFLOP/s"
+                                          if report.get("matmul_tflops") else "n/a on CPU") + ".")
     lines += ["", legend, "",
               f"| exported model (inference, 1x3x{s['crop_size']}x{2 * s['crop_size']}) | parameters | forward ms |",
               "|---|---|---|"]
@@ -299,18 +393,20 @@ def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
     modes = [("source-only", ["--source-only"]), ("dacs", ["--no-mfm"]), ("dacs+mfm", [])]
+    modes += [("dacs+mfm fp32", ["--dtype", "fp32"])] * args.also_fp32
     modes += [(f"dacs+{aux}", ["--aux", aux]) for aux in args.aux if aux != "mfm"]
     report = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda"
                   else f"{cpu_name()} ({torch.get_num_threads()} threads)",
                   torch=torch.__version__, command=shlex.join(["python", "bench.py", *argv]), settings=vars(args),
                   modes={}, inference={})
-    peak = peak_flops(args, device)
+    peak = matmul_flops_per_s(args, device)
+    report["matmul_tflops"] = peak / 1e12 if peak else None
     with tempfile.TemporaryDirectory() as export_dir:
         exported = {}
         for name, extra in modes:
             print(f"timing {name} ...", file=sys.stderr)
             result, exported[name] = bench_training(name, extra, args, device, export_dir)
-            result["mfu"] = result["flops"] / result["median_s"] / peak if peak else None
+            result["mfu"] = result["flops"] / result["median_s"] / peak if peak and "fp32" not in name else None
             report["modes"][name] = result
         print("timing inference ...", file=sys.stderr)
         report["inference"] = bench_inference({"trained with DACS": exported["dacs"],

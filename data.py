@@ -445,22 +445,21 @@ def train_loader(dataset, batch_size, step, workers, seed, pin_memory=False, ran
 # ----------------------------------------------------------------------------- DACS mixing and augmentation
 def class_mix(img_src, lbl_src, img_tgt, pseudo_lbl, pseudo_weight, generator=None):
     """ClassMix (METHOD.md §4.3): per pair, paste the pixels of ceil(n/2) of the n classes in the source label
-    onto the target image (classes drawn with torch's CPU RNG or the CPU `generator`, as in the augmentations).
-    (B,3,H,W), (B,H,W), (B,3,H,W), (B,H,W), q scalar or (B,H,W) -> img_mix (B,3,H,W), lbl_mix (B,H,W) int64,
-    weight_mix (B,H,W) float: 1 on pasted pixels, q elsewhere."""
-    masks = []
-    for lbl in lbl_src:  # the number of classes differs per image: a loop over the batch is unavoidable
-        classes = torch.unique(lbl[lbl != IGNORE_INDEX])
-        order = torch.randperm(len(classes), generator=generator).to(lbl.device)
-        masks.append(torch.isin(lbl, classes[order[:(len(classes) + 1) // 2]]))
-    mask = torch.stack(masks)  # (B, H, W) True = pasted source pixel
-    weight = torch.as_tensor(pseudo_weight, device=lbl_src.device).float().expand(mask.shape)
+    onto the target image. The classes are the first ceil(n/2) of the present ones in a random order, drawn on
+    the data's device (torch's RNG there, or `generator` of that device): no per-image torch.unique, so no wait
+    for the GPU. (B,3,H,W), (B,H,W), (B,3,H,W), (B,H,W), q scalar or (B,H,W) -> img_mix (B,3,H,W), lbl_mix (B,H,W)
+    int64, weight_mix (B,H,W) float: 1 on pasted pixels, q elsewhere."""
+    b, device = lbl_src.shape[0], lbl_src.device
+    ids = lbl_src.reshape(b, -1).long()
+    present = torch.zeros(b, 256, device=device).scatter_(1, ids, 1.0) > 0  # (B, 256) classes in each label
+    present[:, IGNORE_INDEX] = False
+    keys = torch.rand(b, 256, generator=generator, device=device).masked_fill(~present, 2.0)  # absent ones last
+    rank = keys.argsort(1).argsort(1)  # each class's place in this image's random order
+    chosen = present & (rank < (present.sum(1, keepdim=True) + 1) // 2)
+    mask = chosen.gather(1, ids).view_as(lbl_src)  # (B, H, W) True = pasted source pixel
+    weight = torch.as_tensor(pseudo_weight, device=device).float().expand(mask.shape)
     return (torch.where(mask[:, None], img_src, img_tgt), torch.where(mask, lbl_src, pseudo_lbl).long(),
             torch.where(mask, torch.ones_like(weight), weight))
-
-
-def _uniform(n, lo, hi, like, generator):  # (n, 1, 1, 1) draws of U(lo, hi) on the CPU, moved to like's device
-    return (lo + (hi - lo) * torch.rand(n, generator=generator)).to(like).view(n, 1, 1, 1)
 
 
 def _rgb_to_hsv(img):
@@ -481,54 +480,56 @@ def _hsv_to_rgb(h, s, v):
     f = x % 6 - sector
     p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
     table = torch.stack([v, q, p, p, t, v, t, v, v, q, p, p, p, p, t, v, v, q], 1)  # R, G, B of sectors 0-5
-    return table.gather(1, sector.long()[:, None] + torch.tensor([0, 6, 12], device=h.device).view(1, 3, 1, 1))
+    return table.gather(1, sector.long()[:, None] + torch.arange(0, 18, 6, device=h.device).view(1, 3, 1, 1))
 
 
 def _jitter(img, factors, order):
     """kornia 0.5.8's ColorJitter ops with explicit factors (N, 4) = brightness b, contrast c, saturation t,
     hue h, applied to image i in the order order[i] (a permutation of 0-3, ops numbered as the factors; a row of
-    -1 leaves the image unchanged). (N,3,H,W) in [0,1] -> same. Batched: step k runs each op on its images."""
-    out, order = img.clone(), order.cpu()
-    for step, op in itertools.product(range(4), range(4)):
-        idx = (order[:, step] == op).nonzero().flatten()  # on the CPU: no device sync
-        if not len(idx):
-            continue
-        x, k = out[idx.to(img.device)], factors[idx, op].to(img).view(-1, 1, 1)
-        if op < 2:  # brightness: additive; contrast: a plain multiply (no mean)
-            x = (x + (k[:, None] - 1) if op == 0 else x * k[:, None]).clamp(0, 1)
-        else:
-            h, s, v = _rgb_to_hsv(x)
-            hsv = (h, (s * k).clamp(0, 1), v) if op == 2 else (torch.fmod(h + 2 * math.pi * k, 2 * math.pi), s, v)
-            x = _hsv_to_rgb(*hsv)
-        out[idx.to(img.device)] = x
-    return out
+    -1 leaves the image unchanged). (N,3,H,W) in [0,1] -> same. At step k every op is computed for the whole
+    batch and each image keeps its own op's result: a little more arithmetic instead of reading the order back
+    from the GPU (a host sync) to index the images."""
+    f = factors.to(img).unbind(1)  # 4 x (N,)
+    for step in range(4):
+        op = order[:, step].view(-1, 1, 1, 1)
+        h, s, v = _rgb_to_hsv(img)
+        ops = ((img + (f[0] - 1).view(-1, 1, 1, 1)).clamp(0, 1),  # brightness: additive
+               (img * f[1].view(-1, 1, 1, 1)).clamp(0, 1),  # contrast: a plain multiply (no mean)
+               _hsv_to_rgb(h, (s * f[2].view(-1, 1, 1)).clamp(0, 1), v),
+               _hsv_to_rgb(torch.fmod(h + 2 * math.pi * f[3].view(-1, 1, 1), 2 * math.pi), s, v))
+        img = torch.where(op == 0, ops[0], torch.where(op == 1, ops[1], torch.where(op == 2, ops[2], torch.where(
+            op == 3, ops[3], img))))
+    return img
 
 
 def color_jitter(img, strength=0.2, p=0.8, generator=None):
     """The DACS colour jitter as DAFormer runs it: kornia 0.5.8 ColorJitter(s, s, s, s) (METHOD.md §4.4).
     Per image: b, c, t ~ U(1 - s, 1 + s), h ~ U(-s, s) and the four ops in a fresh random order (see _jitter);
-    draws from torch's CPU RNG or the CPU `generator`. DAFormer decides "jitter or not" once per batch; our
-    choice: with probability p per image (the same probability per image). (B,3,H,W) in [0,1] -> same."""
-    b = img.shape[0]
-    on = torch.rand(b, generator=generator) < p
-    low = torch.tensor([1 - strength] * 3 + [-strength], dtype=torch.float64)
-    factors = low + 2 * strength * torch.rand(b, 4, generator=generator, dtype=torch.float64)
-    order = torch.rand(b, 4, generator=generator).argsort(1).masked_fill(~on[:, None], -1)
+    drawn on the image's device (torch's RNG there, or `generator` of that device). DAFormer decides "jitter or
+    not" once per batch; our choice: with probability p per image (the same probability per image).
+    (B,3,H,W) in [0,1] -> same."""
+    b, device = img.shape[0], img.device
+    on = torch.rand(b, generator=generator, device=device) < p
+    factors = 1 - strength + 2 * strength * torch.rand(b, 4, generator=generator, device=device, dtype=torch.float64)
+    factors[:, 3] -= 1  # hue: U(-s, s)
+    order = torch.rand(b, 4, generator=generator, device=device).argsort(1).masked_fill(~on[:, None], -1)
     return _jitter(img, factors, order)
 
 
 def gaussian_blur(img, p=0.5, sigma=(0.15, 1.15), generator=None):
     """Per sample with probability p: separable Gaussian blur, σ ~ U(sigma), kernel the odd size nearest
-    0.1·min(H, W) (at least 3) as in DACS. (B,3,H,W) -> same."""
+    0.1·min(H, W) (at least 3) as in DACS (51 at 512 crops, 103 at 1024). Draws on the image's device.
+    (B,3,H,W) -> same."""
     b, c, h, w = img.shape
-    k = max(3, (math.ceil(0.1 * min(h, w)) - 1) // 2 * 2 + 1)  # DACS: 51 for 512 crops
-    sig = _uniform(b, sigma[0], sigma[1], img, generator).view(b, 1)
+    k = max(3, (math.ceil(0.1 * min(h, w)) - 1) // 2 * 2 + 1)
+    draws = torch.rand(b, 2, generator=generator, device=img.device, dtype=img.dtype)  # σ, blur or not
+    sig = (sigma[0] + (sigma[1] - sigma[0]) * draws[:, :1])  # (B, 1)
     kernel = torch.exp(-(torch.arange(k, device=img.device, dtype=img.dtype) - k // 2) ** 2 / (2 * sig ** 2))
     kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (B*3, k)
     out = F.pad(img.reshape(1, b * c, h, w), (k // 2, k // 2, 0, 0), mode="reflect")
     out = F.conv2d(out, kernel.view(b * c, 1, 1, k), groups=b * c)
     out = F.conv2d(F.pad(out, (0, 0, k // 2, k // 2), mode="reflect"), kernel.view(b * c, 1, k, 1), groups=b * c)
-    return torch.where(_uniform(b, 0, 1, img, generator) < p, out.view(b, c, h, w), img)
+    return torch.where(draws[:, 1].view(b, 1, 1, 1) < p, out.view(b, c, h, w), img)
 
 
 def strong_augment(img, generator=None):

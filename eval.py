@@ -12,6 +12,7 @@ occur (in the labels or the predictions). SYNTHIA-trained models are also scored
 `evaluate()` is the function train.py runs for its periodic evaluation.
 """
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -29,6 +30,12 @@ import models
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}  # --dtype -> autocast dtype
 LABEL_IDS = np.zeros(256, np.uint8)  # trainId -> official Cityscapes label id (255 -> 0, "unlabeled")
 LABEL_IDS[list(data.TRAINID_TO_LABELID)] = list(data.TRAINID_TO_LABELID.values())
+
+
+def autocast(device, dtype):
+    """Mixed precision as --dtype asks ('bf16', 'fp16' or 'fp32' = none) on `device`."""
+    device = torch.device(device)
+    return contextlib.nullcontext() if DTYPES[dtype] is None else torch.autocast(device.type, DTYPES[dtype])
 
 
 def finite(value):

@@ -233,7 +233,7 @@ def train_step(run, x_src, y_src, x_tgt, step, args):
     Each loss term is one forward + backward through run["net"]; with several GPUs all but the last backward
     skip DistributedDataParallel's gradient all-reduce (no_sync), so there is one all-reduce per step."""
     teacher, net = run["teacher"], run["net"]
-    autocast = torch.autocast(x_src.device.type, evaluation.DTYPES[args.dtype], enabled=args.dtype != "fp32")
+    autocast = evaluation.autocast(x_src.device, args.dtype)
     for group in run["optimizer"].param_groups:
         group["lr"] = group["base_lr"] * lr_factor(step, args)
     run["optimizer"].zero_grad(set_to_none=True)
@@ -259,7 +259,8 @@ def train_step(run, x_src, y_src, x_tgt, step, args):
     backward(source, last=teacher is None)
     if teacher is None:
         return finish_step(run, losses, seen, step, args)
-    seen["pseudo_label"], q = pseudo_label(teacher, x_tgt, args.pseudo_threshold)
+    with autocast:  # the teacher's forward in the student's precision; pseudo_label's softmax is float32
+        seen["pseudo_label"], q = pseudo_label(teacher, x_tgt, args.pseudo_threshold)
     weight = baselines.pseudo_label_crop(q, seen["pseudo_label"]) if args.pl_crop else q
     seen["x_mix"], seen["y_mix"], w_mix = mix(x_src, y_src, x_tgt, seen["pseudo_label"], weight)
     losses["confidence"] = q
@@ -285,16 +286,25 @@ def train_step(run, x_src, y_src, x_tgt, step, args):
 
 
 def finish_step(run, losses, seen, step, args):
-    """One sync for all losses (averaged over GPUs); stop on a non-finite one; optimizer step; EMA teacher."""
-    values = torch.stack([v.detach().float() for v in losses.values()])
+    """One host sync for all losses and the gradient norm (averaged over GPUs, together with the stop-signal
+    flag); stop on a non-finite one *before* the optimizer step, so that no NaN reaches the weights, the AdamW
+    moments or the teacher; optimizer step; EMA teacher."""
+    grads = [p.grad for group in run["optimizer"].param_groups for p in group["params"] if p.grad is not None]
+    grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
+    values = torch.stack([v.detach().float() for v in losses.values()] + [grad_norm.float()])
+    names = [*losses, "grad_norm"]
     if run["world"] > 1:  # every rank sees the same values, so all stop or skip together
+        values = torch.cat([values, torch.ones(1, device=values.device) * bool(run["stop_signal"])])
         dist.all_reduce(values)
-        values /= run["world"]
-    values = dict(zip(losses, values.tolist()))
+        values, names = values / run["world"], names + ["stop"]  # stop > 0: a signal reached some rank
+    values = dict(zip(names, values.tolist()))
+    if values.pop("stop", 0) and not run["stop_signal"]:
+        run["stop_signal"].append("SIGTERM")
     bad = [k for k, v in values.items() if not math.isfinite(v)]
     if bad:
         run["optimizer"].zero_grad(set_to_none=True)
-        raise NonFiniteLoss(f"{', '.join(bad)} = {', '.join(str(values[k]) for k in bad)} at step {step}")
+        what = "gradient" if bad == ["grad_norm"] else "loss"
+        raise NonFiniteLoss(f"non-finite {what}: {', '.join(f'{k} = {values[k]}' for k in bad)} at step {step}")
     run["scaler"].step(run["optimizer"])
     run["scaler"].update()
     if run["teacher"] is not None:
@@ -309,8 +319,12 @@ def set_seed(seed, deterministic=False):
     torch.manual_seed(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
+    # warn_only: CUDA has no deterministic backward of bilinear upsampling, which every network and the Rebuilder
+    # use; bit-identical resumes are guaranteed (and tested) on CPU
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
     torch.backends.cudnn.benchmark = not deterministic
+    # TF32 for what autocast leaves in float32 (the fp32 mode, the losses' softmax); off for --deterministic
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not deterministic
 
 
 class Trainable(nn.Module):
@@ -331,8 +345,8 @@ def setup_distributed(args):
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world == 1:
         return 0, 1
-    if args.device.startswith("cuda"):
-        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    if args.device.startswith("cuda"):  # modulo: launchers that show each process only its own GPU
+        args.device = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
         torch.cuda.set_device(args.device)
     dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo",
                             timeout=datetime.timedelta(hours=1))  # rank 0 evaluates while the others wait
@@ -350,16 +364,16 @@ def build_run(args, num_classes):
     if device.type == "cuda":
         student = student.to(memory_format=torch.channels_last)
     channels = student.feat_channels if isinstance(student.feat_channels, int) else student.feat_channels[-1]
-    run = dict(student=student, teacher=None, imagenet=None, world=world,
+    run = dict(student=student, teacher=None, imagenet=None, world=world, stop_signal=[],
                rebuilder=Rebuilder(student.feat_channels, args.mfm_dim, args.mfm_grid, args.mfm_depth, args.mfm_heads,
                                    mask_ratio=args.mask_ratio).to(device) if "mfm" in args.aux else None,
                cmim_head=baselines.ClassWiseReconstructor(channels, student.feat_stride).to(device)
                if "cmim" in args.aux else None)  # choice: trained like the Rebuilder (its LR group)
     run["net"] = Trainable(student, run["rebuilder"], run["cmim_head"])
-    if world > 1:  # buffers (BatchNorm statistics) stay per GPU; not every branch uses every module
+    if world > 1:  # buffers (BatchNorm statistics) stay per GPU
         run["net"] = nn.parallel.DistributedDataParallel(
             run["net"], device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
-            find_unused_parameters=True)
+            find_unused_parameters=leaves_parameters_unused(args))
     if args.fd:  # frozen copy of the pretrained network, made before any training
         run["imagenet"] = copy.deepcopy(student).eval().requires_grad_(False)
     if args.mode != "source-only":
@@ -381,6 +395,14 @@ def build_run(args, num_classes):
     return run
 
 
+def leaves_parameters_unused(args):
+    """Whether the step's last backward (the one DDP all-reduces in) leaves a trained parameter without a
+    gradient: MIC after MFM leaves the Rebuilder out, CMIM the decoder. Only then does DDP need its per-step
+    graph walk (find_unused_parameters)."""
+    aux = [a for a in args.aux.split(",") if a != "none"] if args.mode != "source-only" else []
+    return "cmim" in aux or ("mfm" in aux and aux[-1] != "mfm")
+
+
 def export(run, args, done):
     """What inference needs after `done` iterations: the student's weights and how to build it (no teacher, no
     Rebuilder)."""
@@ -390,8 +412,9 @@ def export(run, args, done):
 def save_checkpoint(run, args, done):
     """ckpt.pt (everything to resume, each rank's RNG state) and model.pt; rank 0 writes. Every rank must call it:
     it gathers the RNG states and checks that the teacher is the same on every rank."""
+    device = torch.device(args.device)  # this rank's GPU only: a resume may see fewer GPUs
     rng = dict(torch=torch.get_rng_state(), python=random.getstate(),
-               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+               cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
     teacher = run["teacher"] or run["student"]
     checksum = float(sum(p.detach().double().sum() for p in teacher.parameters()))
     ranks = [(rng, checksum)]
@@ -438,8 +461,9 @@ def load_checkpoint(run, args, rank=0):
     rng = ckpt["rng"][rank % len(ckpt["rng"])]  # exact when resumed with as many processes as it was run with
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    device = torch.device(args.device)
+    if device.type == "cuda" and rng["cuda"] is not None:
+        torch.cuda.set_rng_state(rng["cuda"][0] if isinstance(rng["cuda"], list) else rng["cuda"], device)
     return ckpt["step"]
 
 
@@ -467,9 +491,10 @@ def log(out, record):
 def train(args):
     out = Path(args.out)
     rank, world = setup_distributed(args)
-    if rank == 0 and not args.resume and ((out / "ckpt.pt").exists() or (out / "config.json").exists()):
-        raise ConfigError(f"--out {out} already holds a run (config.json / ckpt.pt). Continue it with --resume, "
-                          "or choose another --out; nothing was overwritten.")
+    has_ckpt = (out / "ckpt.pt").exists()
+    if rank == 0 and not args.resume and has_ckpt:
+        raise ConfigError(f"--out {out} already holds a run (ckpt.pt). Continue it with --resume, or choose "
+                          "another --out; nothing was overwritten.")
     set_seed(args.seed, args.deterministic)
     keys = None
     if args.labeled is not None:  # the draw depends on the seed only: every rank gets the same split
@@ -486,7 +511,10 @@ def train(args):
     if world > 1:  # augmentation, ClassMix and masks differ per rank; the weights were made (and broadcast) above
         torch.manual_seed(args.seed + rank)
         random.seed(args.seed + rank)
-    start = load_checkpoint(run, args, rank) if args.resume else 0
+    start = load_checkpoint(run, args, rank) if args.resume and (has_ckpt or args.resume != "auto") else 0
+    if rank == 0 and start == 0 and (out / "config.json").exists():  # died before its first checkpoint
+        print(f"note: the run in {out} stopped before its first checkpoint; starting it again", file=sys.stderr)
+        (out / "log.jsonl").unlink(missing_ok=True)
     if rank == 0:
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -508,6 +536,7 @@ def train(args):
                disable=rank > 0)
     tick, result, step, logged = time.time(), None, start - 1, start
     with signals_to_flag() as stop_signal:
+        run["stop_signal"] = stop_signal  # finish_step shares it between ranks: all stop after the same step
         for step in bar:
             done = step + 1
             picture = rank == 0 and args.vis_every and done % args.vis_every == 0
@@ -525,11 +554,6 @@ def train(args):
                 if rank == 0:
                     log(out, dict(step=done, skipped=str(err)))
                 values = None
-            if world > 1:  # a signal reaches the ranks at different steps: stop all after the same one
-                flag = torch.tensor(float(bool(stop_signal)), device=device)
-                dist.all_reduce(flag)
-                if flag.item() and not stop_signal:
-                    stop_signal.append("SIGTERM")
             if rank == 0 and values and args.log_every and (done % args.log_every == 0 or done == stop):
                 log(out, dict(step=done, lr=run["optimizer"].param_groups[0]["lr"],
                               sec_per_iter=(time.time() - tick) / (done - logged), **values))
@@ -539,7 +563,7 @@ def train(args):
                                                  x_tgt, seen)
             if rank == 0 and args.eval_every and (done % args.eval_every == 0 or done == args.iters):
                 result = evaluation.evaluate(run["student"], val, args.device, evaluation.DTYPES[args.dtype],
-                                             args.source)
+                                             args.source, num_workers=args.workers)
                 log(out, dict(step=done, eval=result))
                 bar.write(f"step {done}: {val.name} {val.split} mIoU {result['mIoU']:.2f}")
             if (args.ckpt_every and done % args.ckpt_every == 0) or done == stop or stop_signal:
@@ -564,15 +588,22 @@ def train(args):
 
 def main(argv=None):
     try:
-        return train(parse_args(argv))
+        args = parse_args(argv)
+        return train(args)
     except (ConfigError, data.DatasetError, models.WeightsError) as err:
         sys.exit(f"error: {err}")
     except NonFiniteLoss as err:
         sys.exit(f"error: non-finite loss: {err}. Stopped; the last good checkpoint is untouched. Lower --lr, "
                  "use --dtype fp32, or pass --skip-nonfinite to skip such steps.")
-    except torch.cuda.OutOfMemoryError as err:
+    except RuntimeError as err:  # cuDNN/cuBLAS report a failed allocation as a plain RuntimeError
+        if not isinstance(err, torch.cuda.OutOfMemoryError) and "ALLOC_FAILED" not in str(err):
+            raise
         sys.exit(f"error: the GPU ran out of memory ({str(err).splitlines()[0]}). Try a smaller --crop-size or "
-                 "--batch-size, or --dtype bf16.")
+                 "--batch-size" + (", or --dtype bf16" if args.dtype == "fp32" else "") + "; the same "
+                 "command then starts again (or continues from the last checkpoint with --resume).")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
