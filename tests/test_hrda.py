@@ -112,20 +112,24 @@ def test_views_and_shapes(backbone):
     assert out.hr.shape == (2, K, 64 // OS[backbone], 64 // OS[backbone]) and out.box == feats.box
 
 
-def test_fusion_equals_hand_computation():
-    model = tiny().eval()  # eval: dropout off, so net.decode here and inside decode agree
+@pytest.mark.parametrize("backbone, att_rows, att_cols, hr_rows, hr_cols", [
+    ("mit_b0", slice(3, 11), slice(5, 13), slice(6, 22), slice(10, 26)),  # box / 8 and box / 4
+    ("resnet18", slice(1, 5), slice(2, 6), slice(3, 11), slice(5, 13))])  # int(box / 16) truncated, box / 8
+def test_fusion_equals_hand_computation(backbone, att_rows, att_cols, hr_rows, hr_cols):
+    model = tiny(backbone).eval()  # eval: dropout off, so net.decode here and inside decode agree
     torch.manual_seed(1)
     x = torch.rand(2, 3, 128, 128)
     feats = views(model, x, (24, 40, 64, 64))
+    size = 128 // OS[backbone]
     with torch.no_grad():
         fused = model.decode(feats).fused
         lr_seg, hr_seg = model.net.decode(feats.lr), model.net.decode(feats.hr)
         att = torch.sigmoid(model.attention(feats.lr))
     masked = torch.zeros_like(att)
-    masked[..., 3:11, 5:13] = att[..., 3:11, 5:13]  # box / 8 at the 16x16 context logits
-    inserted = torch.zeros(2, K, 32, 32)
-    inserted[..., 6:22, 10:26] = hr_seg  # box / 4
-    expect = up(masked, 32) * inserted + up((1 - masked) * lr_seg, 32)
+    masked[..., att_rows, att_cols] = att[..., att_rows, att_cols]
+    inserted = torch.zeros(2, K, size, size)
+    inserted[..., hr_rows, hr_cols] = hr_seg
+    expect = up(masked, size) * inserted + up((1 - masked) * lr_seg, size)
     torch.testing.assert_close(fused, expect, atol=1e-6, rtol=1e-6)
 
 
