@@ -120,8 +120,9 @@ class ASPPClassifier(nn.Module):
         super().__init__()
         self.convs = nn.ModuleList(
             nn.Conv2d(in_channels, num_classes, 3, padding=d, dilation=d, bias=True) for d in dilations)
-        for conv in self.convs:
-            nn.init.normal_(conv.weight, 0.0, 0.01)  # as DeepLabV2; the bias keeps PyTorch's default init (choice)
+        for conv in self.convs:  # N(0, 0.01) as DeepLabV2, bias 0 as mmseg's DLV2 head
+            nn.init.normal_(conv.weight, 0.0, 0.01)
+            nn.init.zeros_(conv.bias)
 
     def forward(self, feats):
         """(B, C, h, w) -> (B, K, h, w)"""
@@ -149,6 +150,10 @@ class DeepLabV2(_EncoderDecoder):
         self.head = ASPPClassifier(self.feat_channels, num_classes, aspp_dilations)
         if pretrained not in (None, "none"):
             load_pretrained(self, pretrained)
+        elif backbone == "resnet101-v1c":  # from scratch: mmseg ResNet's zero_init_residual, each block starts as
+            for block in self.backbone.modules():  # the identity (*choice*: torchvision's resnets keep its init)
+                if isinstance(block, torchvision.models.resnet.Bottleneck):
+                    nn.init.zeros_(block.bn3.weight)
 
     def param_groups(self, lr):
         """Optimizer groups: backbone at lr, head at 10x lr (METHOD.md §4)."""
@@ -243,9 +248,9 @@ class MiTBlock(nn.Module):
 
 
 def _init_weights(module):
-    """*choice* (the sources' init does not matter once ImageNet weights are loaded; this is the usual
-    transformer one): Linear trunc-normal(0.02) with zero bias; LayerNorm 1/0; convs normal with std
-    sqrt(2 / fan_out), fan_out = k*k*C_out/groups, zero bias; BatchNorm keeps PyTorch's 1/0."""
+    """The MiT encoder's init, SegFormer's rule (it does not matter once ImageNet weights load): Linear
+    trunc-normal(0.02) with zero bias; LayerNorm 1/0; convs normal with std sqrt(2 / fan_out),
+    fan_out = k*k*C_out/groups, zero bias. (Decode heads follow mmcv instead: init_decode_head.)"""
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.trunc_normal_(m.weight, std=0.02)
@@ -323,9 +328,8 @@ class DAFormerHead(nn.Module):
         self.bottleneck = _conv_bn_relu(embed * len(self.fusion), embed, 3)
         self.dropout = nn.Dropout2d(0.1)
         self.classifier = nn.Conv2d(embed, num_classes, 1)
-        init_decode_head(self)
+        init_decode_head(self)  # its bias 0 also the classifier's
         nn.init.normal_(self.classifier.weight, 0.0, 0.01)  # DAFormer's classifier init (mmseg BaseDecodeHead)
-        nn.init.zeros_(self.classifier.bias)
 
     def forward(self, feats):
         """[(B, C_i, h_i, w_i)] -> logits (B, K, h_1, w_1)"""

@@ -360,3 +360,26 @@ def test_rebuilder_takes_and_returns_a_dict_of_levels():
     assert torch.equal(mask, mask_list)
     with pytest.raises(ValueError, match="2 levels"):
         rebuilder({"high": high})
+
+
+def test_mfm_loss_takes_a_loss_fn_for_decoders_with_several_outputs():
+    """loss_fn gets the decoder's output as it is (here a pair, as HRDA's), the pseudo-label and the weight; the
+    Rebuilder and the mask are unchanged; None is the default upsample + weighted CE."""
+    torch.manual_seed(0)
+    r, conv = small(grid=4), nn.Conv2d(32, 3, 1)
+    feats, label = torch.randn(2, 32, 8, 8), torch.randint(0, 3, (2, 32, 32))
+    seen = {}
+
+    def loss_fn(out, pseudo_label, weight):
+        seen.update(out=out, pseudo_label=pseudo_label, weight=weight)
+        return out[0].mean() + out[1].mean()
+
+    torch.manual_seed(1)
+    loss, mask = mfm_loss(lambda f: (conv(f), 2 * conv(f)), r, feats, label, 0.5, return_mask=True, loss_fn=loss_fn)
+    assert seen["pseudo_label"] is label and seen["weight"] == 0.5 and len(seen["out"]) == 2
+    assert loss.item() == pytest.approx(3 * seen["out"][0].mean().item(), rel=1e-5)
+    torch.manual_seed(1)
+    plain, plain_mask = mfm_loss(conv, r, feats, label, 0.5, return_mask=True, loss_fn=None)
+    assert torch.equal(mask, plain_mask)
+    logits = F.interpolate(seen["out"][0], size=(32, 32), mode="bilinear", align_corners=False)
+    assert plain.item() == pytest.approx(weighted_cross_entropy(logits, label, 0.5).item(), rel=1e-6)

@@ -45,6 +45,20 @@ def test_head_init_and_resnet18_stride():
     assert model.encode(torch.rand(1, 3, 64, 64)).shape == (1, 512, 8, 8)
 
 
+def test_seg_loss_is_weighted_ce_at_label_size():
+    """_EncoderDecoder.seg_loss: decode's output upsampled to the label, CE times the weight, 255 ignored."""
+    model = DeepLabV2(backbone="resnet18", num_classes=7)
+    out = torch.randn(2, 7, 8, 8)
+    label = torch.randint(0, 7, (2, 64, 64))
+    label[:, :3] = 255
+    weight = torch.rand(2, 64, 64)
+    expected = (F.cross_entropy(models.upsample(out, (64, 64)), label, ignore_index=255, reduction="none")
+                * weight).mean()
+    assert model.seg_loss(out, label, weight).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert model.seg_loss(out, label).item() == pytest.approx(
+        F.cross_entropy(models.upsample(out, (64, 64)), label, ignore_index=255, reduction="none").mean().item())
+
+
 def test_upsample_is_bilinear_half_pixel():
     logits = torch.randn(1, 3, 4, 4)
     out = models.upsample(logits, (16, 16))
