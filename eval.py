@@ -126,6 +126,8 @@ def evaluate(model, dataset, device="cpu", dtype=None, source=None, save_pred=No
     for image, label, name in tqdm(loader, desc=f"eval {dataset.name} {dataset.split}", disable=not progress,
                                    leave=False):
         image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)
+        if str(device).startswith("cuda"):  # cuDNN's fast convolutions want NHWC (the model is converted below)
+            image = image.contiguous(memory_format=torch.channels_last)
         with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None):
             logits = model(image)
         pred = models.upsample(logits.float(), label.shape[-2:]).argmax(1)
@@ -170,6 +172,8 @@ def main(argv=None):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise data.DatasetError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu.")
     model, ckpt = models.model_from_checkpoint(args.ckpt, args.device)
+    if args.device.startswith("cuda"):
+        model = model.to(memory_format=torch.channels_last)
     dataset = data.build_dataset(args.target, args.data_root, args.split, train=False)
     if model.config["num_classes"] != dataset.num_classes:
         raise models.WeightsError(f"{args.ckpt} predicts {model.config['num_classes']} classes but {args.target} "

@@ -233,6 +233,8 @@ def train_step(run, x_src, y_src, x_tgt, step, args):
     Each loss term is one forward + backward through run["net"]; with several GPUs all but the last backward
     skip DistributedDataParallel's gradient all-reduce (no_sync), so there is one all-reduce per step."""
     teacher, net = run["teacher"], run["net"]
+    # Autocast keeps LayerNorm, softmax and resizes in float32 (numerics), so the MiT stages and the Rebuilder's
+    # output are float32 maps; the head's first Linear/conv casts them and keeps only its bf16 copy for backward.
     autocast = evaluation.autocast(x_src.device, args.dtype)
     for group in run["optimizer"].param_groups:
         group["lr"] = group["base_lr"] * lr_factor(step, args)

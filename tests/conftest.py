@@ -7,12 +7,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's flat modules, however pytest is run
 import data
 
 GTA_PALETTE = np.array(data.PALETTE * 14, np.uint8)[:256].ravel().tolist()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped without one (gpu_check.py runs them)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (gpu_check.py runs the cuda-marked tests)")
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(skip)
 
 
 # ----------------------------------------------------------------------------- writers (independent of data.py)

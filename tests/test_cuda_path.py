@@ -15,7 +15,7 @@ TINY = ["--pretrained", "none", "--crop-size", "32", "--mfm-dim", "64", "--mfm-h
 CONFIGS = [["--backbone", "resnet18"], ["--backbone", "resnet18", "--source-only"],
            ["--backbone", "resnet18", "--recipe", "daformer"], ["--backbone", "mit_b0", "--aux", "mfm,mic"],
            ["--backbone", "mit_b0", "--aux", "cmim"]]
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (gpu_check.py runs these)")
+cuda = pytest.mark.cuda  # skipped without a GPU (conftest.py)
 
 
 def toy_args(*flags, device="cpu"):
