@@ -62,6 +62,7 @@ LAMBDA_FD = 0.005  # DAFormer ImageNet feature distance weight
 FD_RATIO = 0.75  # a cell counts if one class covers >= 75% of it (DAFormer)
 THING_CLASSES = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)  # trainIds: lights, signs, person ... bicycle (DAFormer)
 CROP_TOP, CROP_BOTTOM, CROP_REFERENCE = 15, 120, 512  # DAFormer pseudo-label crop, rows at a 512 crop
+CROP_SIDE = 15  # HRDA's v2 crop adds 30 image columns at each side at 1024 crops (15 at the 512 reference)
 MASK_FILL = models.IMAGENET_MEAN  # 0 after normalisation, as MIC's multiplication of the normalised image
 
 
@@ -93,13 +94,13 @@ def mic_loss(student, x_tgt, pseudo_label, weight=1.0, block=MIC_BLOCK, ratio=MI
              augment=data.strong_augment, return_mask=False):
     """L_mic = CE(student(mask(augment(x_t))) upsampled, teacher's pseudo-label of the unmasked x_t) * weight.
 
-    student: callable images -> logits (B, K, h, w); x_tgt (B, 3, H, W) in [0, 1], the plain target crop;
+    student: a network of models.py / hrda.py (encode, decode, seg_loss); x_tgt (B, 3, H, W) in [0, 1];
     pseudo_label (B, H, W) int64; weight scalar or (B, H, W); augment: colour jitter + blur as DACS (None =
     off). Returns the loss, or (loss, keep (B, 1, H, W), 1 = visible) with return_mask=True."""
     x = augment(x_tgt) if augment is not None else x_tgt
     keep = random_block_mask(x.shape[0], x.shape[2], x.shape[3], block, ratio, x.device)
-    logits = models.upsample(student(mask_image(x, keep)), pseudo_label.shape[-2:])
-    loss = weighted_cross_entropy(logits, pseudo_label, weight)
+    # one mask on the whole crop, before a multi-resolution student (HRDA) cuts its views (HRDA.md §3)
+    loss = student.seg_loss(student.decode(student.encode(mask_image(x, keep))), pseudo_label, weight)
     return (loss, keep) if return_mask else loss
 
 
@@ -198,17 +199,26 @@ def feature_distance_loss(student_feats, imagenet_feats, label, thing_classes=TH
     return (dist * cells).sum() / cells.sum().clamp(min=1)
 
 
-def pseudo_label_crop(weight, pseudo_label, top=CROP_TOP, bottom=CROP_BOTTOM, reference=CROP_REFERENCE):
-    """Confidence weight scalar q or (B, H, W) -> per-pixel weight (B, H, W) with the top and bottom rows 0.
+def pseudo_label_crop(weight, pseudo_label, top=CROP_TOP, bottom=CROP_BOTTOM, reference=CROP_REFERENCE, side=0,
+                      frame=None):
+    """Confidence weight scalar q or (B, H, W) -> per-pixel weight (B, H, W) with the top and bottom rows 0, and
+    (side > 0, HRDA) the image columns within `side` of the image's left and right edges.
 
     DAFormer uses fixed rows (15, 120) at 512 crops; for a crop of height H we scale them by H / reference
-    (rounded), so a 512 crop gets exactly DAFormer's rows and a 64-px toy crop 2 and 15. pseudo_label gives
-    the shape and device. Apply before ClassMix (pasted source pixels get weight 1 anyway)."""
+    (rounded), so a 512 crop gets exactly DAFormer's rows, a 1024 crop HRDA's (30, 240) and a 64-px toy crop 2 and
+    15; `side` scales alike (HRDA: 30 at 1024). frame (B, 3) int64 = each crop's (x offset, flipped, image width)
+    from the dataset (data.build_dataset(frame=True)); without it no columns are cut. pseudo_label gives the
+    shape and device. Apply before ClassMix (pasted source pixels get weight 1 anyway)."""
     B, H, W = pseudo_label.shape
     w = torch.as_tensor(weight, device=pseudo_label.device).float().expand(B, H, W).clone()
     rows_top, rows_bottom = round(top * H / reference), round(bottom * H / reference)
     w[:, :rows_top] = 0
     w[:, H - rows_bottom:] = 0
+    if side and frame is not None:  # the crop's columns in image coordinates (mirrored when flipped)
+        cols, margin = torch.arange(W, device=w.device), round(side * H / reference)
+        x0, flipped, width = (frame[:, i:i + 1].to(w.device) for i in range(3))
+        image_col = x0 + torch.where(flipped > 0, W - 1 - cols, cols)  # (B, W)
+        w *= ((image_col >= margin) & (image_col < width - margin)).unsqueeze(1)
     return w
 
 

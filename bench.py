@@ -68,17 +68,23 @@ def parse_args(argv=None):
     p.add_argument("--aux", nargs="+", default=[], choices=["mic", "cmim", "mfm,mic"],
                    help="also time DACS + each auxiliary (train.py --aux NAME), e.g. --aux mic cmim")
     p.add_argument("--also-fp32", action="store_true", help="also time DACS + MFM without autocast (fp32, TF32)")
+    p.add_argument("--hrda", action="store_true", help="every mode under train.py --recipe hrda (HRDA, DAFormer's "
+                   "extras); crops 2x the default (1024 on CUDA); inference slides over crop x 2*crop (2048x1024)")
     p.add_argument("--peak-tflops", type=float, help="device rate for MFU = FLOPs/step / step time / rate "
                    "(default on CUDA: a measured 8192^2 matmul in the step's precision; none on CPU)")
     p.add_argument("--no-loader", action="store_true", help="skip the data-loader benchmark")
+    p.add_argument("--flops-only", action="store_true", help="only FLOPs per step and per inference, counted on "
+                   "the meta device in seconds (no timing, no memory)")
     p.add_argument("--loader-n", type=int, help=f"GTA-sized PNG pairs the loader reads {default('loader_n')}")
     p.add_argument("--loader-workers", type=int, help=f"DataLoader workers compared with 0 {default('loader_workers')}")
     p.add_argument("--json", default="bench.json", help="where to write the results (default: bench.json)")
     args = p.parse_args(argv)
+    crop_given = args.crop_size is not None
     for key, value in (CUDA_DEFAULTS if args.device.startswith("cuda") else CPU_DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.mfm_grid = args.mfm_grid or max(1, args.crop_size // 32)
+    args.crop_size *= 1 + (args.hrda and not crop_given)
+    args.mfm_grid = args.mfm_grid or max(1, args.crop_size // (64 if args.hrda else 32))  # HRDA: of a 512 view
     if args.reps < 1 or args.warmup < 0:
         p.error("--reps must be >= 1 and --warmup >= 0")
     return args
@@ -180,19 +186,43 @@ class HostSyncCounter(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def meta_step_syncs(train_argv, steps=2):
-    """Host syncs per training step of `train.py train_argv`, counted on the meta device (no data, no GPU):
-    {what: count per step}. The data arrive as the loop's pinned, non-blocking copies do (not counted)."""
+def meta_run(train_argv):
+    """train.parse_args + train.build_run on the meta device (shapes, no data) and a batch -> (args, run, batch)."""
     targs = train.parse_args([*train_argv, "--device", "cpu", "--dtype", "fp32"])
     targs.device = "meta"
     run = train.build_run(targs, data.SegDataset.num_classes)
     b, c = targs.batch_size, targs.crop_size
     x_src, x_tgt = torch.rand(b, 3, c, c, device="meta"), torch.rand(b, 3, c, c, device="meta")
-    y_src = torch.randint(0, data.SegDataset.num_classes, (b, c, c), device="meta")
+    return targs, run, (x_src, torch.randint(0, data.SegDataset.num_classes, (b, c, c), device="meta"), x_tgt)
+
+
+def meta_step_syncs(train_argv, steps=2):
+    """Host syncs per training step of `train.py train_argv`, counted on the meta device (no data, no GPU):
+    {what: count per step}. The data arrive as the loop's pinned, non-blocking copies do (not counted)."""
+    targs, run, batch = meta_run(train_argv)
     with HostSyncCounter() as counter:
         for step in range(steps):
-            train.train_step(run, x_src, y_src, x_tgt, step, targs)
+            train.train_step(run, *batch, step, targs)
     return {k: v / steps for k, v in counter.counts.items()}
+
+
+def flops_only(args, modes):
+    """--flops-only: FLOPs of one training step per mode and of one inference (1 x 3 x crop x 2 crop), counted on
+    the meta device: no data, no timing, seconds even for MiT-B5 HRDA at 1024. Returns a markdown table."""
+    rows, student = {}, None
+    for name, extra in modes:
+        targs, run, batch = meta_run(train_argv(args, extra))
+        with HostSyncCounter(), count_flops() as counter:
+            train.train_step(run, *batch, 0, targs)
+        rows[name], student = counter.get_total_flops(), run["student"]
+    with count_flops() as counter, torch.no_grad():
+        student.eval()(torch.zeros(1, 3, args.crop_size, 2 * args.crop_size, device="meta"))
+    lines = [f"{args.backbone}{' HRDA' if args.hrda else ''}, {args.crop_size} px crops, batch {args.batch_size} + "
+             f"{args.batch_size}: FLOPs counted on the meta device (`{shlex.join(['python', 'bench.py', *args.argv])}`)",
+             "", "| mode | GFLOP/step | vs DACS |", "|---|---|---|"]
+    lines += [f"| {name} | {f / 1e9:,.1f} | {f / rows['dacs']:.3f}x |" for name, f in rows.items()]
+    lines += ["", f"inference, 1x3x{args.crop_size}x{2 * args.crop_size}: {counter.get_total_flops() / 1e9:,.1f} GFLOP"]
+    return "\n".join(lines)
 
 
 def cuda_step_syncs(step):
@@ -233,11 +263,16 @@ def cpu_peak_bytes(fn):
     return max(totals)
 
 
+def train_argv(args, extra):
+    """train.py's flags for one mode of the benchmark."""
+    return ["--source", "gta", "--target", "cityscapes", "--pretrained", "none", "--backbone", args.backbone,
+            "--crop-size", str(args.crop_size), "--batch-size", str(args.batch_size), "--mfm-grid", str(args.mfm_grid),
+            *["--recipe", "hrda"] * args.hrda, *extra]
+
+
 def bench_training(name, extra, args, device, export_dir):
     """Time train.train_step for one mode; export the student as train.py does -> (result dict, model.pt path)."""
-    targs_argv = ["--source", "gta", "--target", "cityscapes", "--pretrained", "none", "--backbone", args.backbone,
-                  "--crop-size", str(args.crop_size), "--batch-size", str(args.batch_size), "--mfm-grid",
-                  str(args.mfm_grid), *extra]
+    targs_argv = train_argv(args, extra)
     targs = train.parse_args(["--device", args.device, "--dtype", args.dtype, *targs_argv])  # extra may set dtype
     fresh_memory(device)
     train.set_seed(0)
@@ -369,8 +404,8 @@ def markdown(report):
               "state it keeps plus the profiler's running total of what it allocates); state MiB: weights, buffers, "
               "gradients and AdamW moments of student, teacher and training-only heads; images/s counts source + "
               "target images; host syncs: per step (CUDA: torch.cuda.set_sync_debug_mode; CPU: counted on the meta "
-              "device); MFU: against " + (f"a measured matmul rate of {report['matmul_tflops']:.0f} TFLOP/s"
-                                          if report.get("matmul_tflops") else "n/a on CPU") + ".")
+              "device); MFU: " + (f"against a measured matmul rate of {report['matmul_tflops']:.0f} TFLOP/s"
+                                   if report.get("matmul_tflops") else "n/a on CPU") + ".")
     lines += ["", legend, "",
               f"| exported model (inference, 1x3x{s['crop_size']}x{2 * s['crop_size']}) | parameters | forward ms |",
               "|---|---|---|"]
@@ -395,6 +430,11 @@ def main(argv=None):
     modes = [("source-only", ["--source-only"]), ("dacs", ["--no-mfm"]), ("dacs+mfm", [])]
     modes += [("dacs+mfm fp32", ["--dtype", "fp32"])] * args.also_fp32
     modes += [(f"dacs+{aux}", ["--aux", aux]) for aux in args.aux if aux != "mfm"]
+    if args.flops_only:
+        args.argv = argv
+        table = flops_only(args, modes)
+        print(table)
+        return table
     report = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda"
                   else f"{cpu_name()} ({torch.get_num_threads()} threads)",
                   torch=torch.__version__, command=shlex.join(["python", "bench.py", *argv]), settings=vars(args),

@@ -50,7 +50,9 @@ MAX_LABEL_ID = 33  # the largest id of the official Cityscapes table (bicycle); 
 NOT_IDS_FRACTION = 0.5  # *choice*: a label with more of its pixels outside 0-33 is no label-id map: rejected
 DATASETS = ("gta", "synthia", "cityscapes", "toy-day", "toy-night")
 SOURCE_DATASETS = ("gta", "synthia", "toy-day")  # labelled source domains: crops retried (cat_max_ratio)
-# (W, H) before cropping, METHOD.md §4. GTA: 1280x720 as in DACS (DAFormer keeps the aspect: 1280x704).
+# (W, H) before cropping, METHOD.md §4. GTA: 1280x720 as in DACS (DAFormer keeps the aspect: 1280x704). HRDA
+# (train.py --recipe hrda) doubles them: GTA 2560x1440 (HRDA keeps the aspect, 2560x1407: our choice follows the
+# DACS size, as here), SYNTHIA 2560x1520 and Cityscapes 2048x1024 exactly as HRDA (HRDA.md §1.1).
 RESIZE = {"gta": (1280, 720), "synthia": (1280, 760), "cityscapes": (1024, 512),
           "toy-day": (128, 64), "toy-night": (128, 64)}
 EXPECTED_TREE = {
@@ -63,7 +65,8 @@ RCS_ROUNDS = 10  # DAFormer RCS: whole crops (each with its CROP_TRIES) until th
 MAX_BAD_FILES = 10  # training skips up to this many unreadable files in a row, then raises
 RCS_TEMPERATURE = 0.01  # DAFormer rare class sampling
 # DAFormer's thresholds: > 3000 px of the class in the (full-resolution) image, > 1500 px in a 512 crop. Our
-# choice: scale them down with the area for smaller images/crops (toy, tests); paper settings stay exact.
+# choice: scale them down with the area for smaller images/crops (toy, tests); paper settings stay exact. The crop
+# threshold also scales up with the crop: HRDA's 6000 px at 1024 (HRDA.md §1.1).
 RCS_MIN_PIXELS, RCS_REF_AREA, RCS_MIN_CROP_PIXELS = 3000, 1280 * 720, 1500
 TOY_LEN = {"train": 2000, "val": 100}
 TOY_VAL_OFFSET = 1_000_000  # val scene i uses scene seed offset + i: disjoint from train
@@ -226,8 +229,9 @@ class SegDataset(torch.utils.data.Dataset):
 
     num_classes = len(CLASS_NAMES)
 
-    def __init__(self, name, samples, split, train, crop_size, seed, eval_size, rcs, rcs_cache, source):
-        self.name, self.samples, self.split, self.train = name, samples, split, train
+    def __init__(self, name, samples, split, train, crop_size, seed, eval_size, rcs, rcs_cache, source,
+                 frame=False):
+        self.name, self.samples, self.split, self.train, self.frame = name, samples, split, train, frame
         self.crop_size, self.seed, self.eval_size = crop_size, seed, eval_size
         self.source, self.rcs = source, rcs
         self.outside_pixels = 0  # pixels read so far with ids outside the table (per process: per worker)
@@ -289,11 +293,13 @@ class SegDataset(torch.utils.data.Dataset):
                 warnings.warn(f"{err} Using the next file of the list instead.")
         img, lbl = _resize(img, self.eval_size, Image.BILINEAR), _resize(lbl, self.eval_size, Image.NEAREST)
         y, x = self._choose_crop(lbl, rng, rare)
-        c = self.crop_size
+        c, width = self.crop_size, lbl.shape[1]
         img, lbl = img[y:y + c, x:x + c], lbl[y:y + c, x:x + c]
-        if rng.random() < 0.5:
+        flip = rng.random() < 0.5
+        if flip:
             img, lbl = img[:, ::-1], lbl[:, ::-1]
-        return _to_tensor(img), torch.from_numpy(lbl.astype(np.int64))
+        item = _to_tensor(img), torch.from_numpy(lbl.astype(np.int64))
+        return (*item, torch.tensor([x, int(flip), width])) if self.frame else item
 
     def _choose_crop(self, lbl, rng, rare):
         """Top-left corner of the crop, as mmseg/DAFormer draw it. Source: mmseg's RandomCrop, up to CROP_TRIES
@@ -323,7 +329,7 @@ class SegDataset(torch.utils.data.Dataset):
                 Path(cache).write_text(json.dumps(stats))
         counts = np.array(stats["counts"], np.int64)  # (N, 19)
         scale = min(1.0, stats["area"] / RCS_REF_AREA)
-        self.rcs_min_crop = RCS_MIN_CROP_PIXELS * min(1.0, self.crop_size ** 2 / 512 ** 2)
+        self.rcs_min_crop = RCS_MIN_CROP_PIXELS * self.crop_size ** 2 / 512 ** 2  # 6000 at 1024 crops, as HRDA
         self.rcs_images = [np.flatnonzero(counts[:, c] > RCS_MIN_PIXELS * scale) for c in range(self.num_classes)]
         freq = counts.sum(0) / max(counts.sum(), 1)
         logits = np.where([len(imgs) > 0 for imgs in self.rcs_images], (1 - freq) / RCS_TEMPERATURE, -np.inf)
@@ -352,12 +358,14 @@ def _samples(name, root, split):  # [(image path, label path, key)] of the split
 
 
 def build_dataset(name, root="data", split="train", train=True, crop_size=512, seed=0, rcs=False, rcs_cache=None,
-                  resize=None, keys=None, source=None):
+                  resize=None, keys=None, source=None, frame=False):
     """Dataset `name` (one of DATASETS) under `root`; see the module docstring for what items look like.
     resize: (W, H) replacing the recipe's size before cropping/evaluation (RESIZE), e.g. for half resolution.
     rcs_cache: JSON path for the RCS class statistics (None: computed and kept in memory only).
     keys: only these samples, in this order (their labels' names inside the split, e.g. from labeled_split).
-    source: crop as a labelled source (cat_max_ratio retries); None: only the SOURCE_DATASETS do."""
+    source: crop as a labelled source (cat_max_ratio retries); None: only the SOURCE_DATASETS do.
+    frame: training items get a third entry, int64 (3,) = (crop's x offset, flipped 0/1, resized image width):
+    where the crop lies in its image, for HRDA's pseudo-label margins at the image's left and right edges."""
     samples = _samples(name, root, split)
     if keys is not None:
         by_key = {s[2]: s for s in samples}
@@ -367,7 +375,7 @@ def build_dataset(name, root="data", split="train", train=True, crop_size=512, s
                                f"{root}{', e.g. ' + missing[0] if missing else ''}.")
         samples = [by_key[k] for k in keys]
     return SegDataset(name, samples, split, train, crop_size, seed, tuple(resize or RESIZE[name]), rcs, rcs_cache,
-                      name in SOURCE_DATASETS if source is None else bool(source))
+                      name in SOURCE_DATASETS if source is None else bool(source), frame)
 
 
 # UniMatch line: image and trainIds label; U2PL line: the image alone; both maybe under a folder (cityscapes/)

@@ -34,7 +34,7 @@ import data
 import train
 
 ROOT = Path(__file__).resolve().parent
-FULL = dict(crop=512, hrda_crop=1024, bench_backbones=("resnet101-v1c", "mit_b5"), reps=10, warmup=3, iters=200,
+FULL = dict(crop=512, hrda_crop=1024, bench_backbones=("resnet101-v1c", "mit_b5"), reps=6, warmup=3, iters=200,
             gta=(1914, 1052), cityscapes=(2048, 1024), images=16, loader_n=32, compile_backbone="resnet101-v1c",
             compile_backend="inductor", device="cuda", dtype="bf16")
 TINY = dict(crop=32, hrda_crop=64, bench_backbones=("resnet18", "mit_b0"), reps=1, warmup=0, iters=4,
@@ -79,6 +79,11 @@ def part_bench(s, out):
         path = out / f"bench_{backbone}.json"
         bench.main([*common, "--backbone", backbone, "--crop-size", str(s["crop"]), "--also-fp32", "--json", str(path)])
         runs[backbone] = json.loads(path.read_text())
+    backbone = s["bench_backbones"][-1]  # HRDA, MIC(HRDA), each + MFM, at HRDA's crop; inference on 2048x1024
+    path = out / f"bench_{backbone}_hrda.json"
+    bench.main([*common, "--backbone", backbone, "--hrda", "--crop-size", str(s["hrda_crop"]), "--aux", "mic",
+                "mfm,mic", "--json", str(path)])
+    runs[f"{backbone} HRDA"] = json.loads(path.read_text())
     return runs
 
 

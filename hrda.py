@@ -214,6 +214,13 @@ class PerView(nn.Module):
         return HRDAFeatures(lr, hr, feats.box), mask
 
 
+def deepest(feats):
+    """The deepest map of any network's encode output (DAFormer's feature distance uses it): the last MiT stage,
+    the DeepLabV2 map; for HRDA those of the context view (HRDA.md §1.6: feature_scale 0.5)."""
+    feats = feats.lr if isinstance(feats, HRDAFeatures) else feats
+    return feats[-1] if isinstance(feats, (list, tuple)) else feats
+
+
 def build_model(num_classes=19, backbone="resnet101-v1c", pretrained=None, hrda=None, **kw):
     """models.build_model, wrapped in HRDA(net, **hrda) when hrda is a dict of its settings (HRDA.config adds
     them under "hrda"): build_model(**model.config) rebuilds either kind."""

@@ -482,7 +482,11 @@ def model_from_checkpoint(path, device="cpu"):
     """Rebuild the network (either family) described by a train.py checkpoint and load its weights.
     -> (model in eval mode, checkpoint)"""
     ckpt = load_checkpoint(path)
-    model = build_model(**ckpt["model_config"])
+    if "hrda" in ckpt["model_config"]:  # HRDA's wrapper (hrda.py, which imports this file: imported here)
+        import hrda
+        model = hrda.build_model(**ckpt["model_config"])
+    else:
+        model = build_model(**ckpt["model_config"])
     _load_strict(model, ckpt["model"], "model described by its own model_config", str(path))
     return model.to(device).eval(), ckpt
 

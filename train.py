@@ -38,6 +38,7 @@ from tqdm import tqdm
 import baselines
 import data
 import eval as evaluation
+import hrda
 import models
 from mfm import Rebuilder, mfm_loss, weighted_cross_entropy
 
@@ -48,7 +49,7 @@ PAPER = dict(backbone="resnet101-v1c", pretrained="imagenet", crop_size=512, ite
 TOY = dict(backbone="resnet18", pretrained="none", crop_size=64, iters=300, warmup=30, lr=1e-3,
            lr_rebuilder=1e-3, mfm_grid=4, eval_every=100, ckpt_every=100, vis_every=100, log_every=10)
 AUXILIARIES = ("mfm", "mic", "cmim")  # target-side auxiliary tasks; mic and cmim live in baselines.py
-DAFORMER = dict(rcs=True, fd=True, pl_crop=True, ema=0.999)  # --recipe daformer (METHOD.md §4)
+DAFORMER = dict(rcs=True, fd=True, pl_crop=True, ema=0.999)  # --recipe daformer (METHOD.md §4), and hrda
 RESUMABLE = {"resume", "stop_at", "skip_nonfinite", "eval_every", "ckpt_every", "vis_every", "log_every",
              "workers", "data_root", "device", "out", "compile"}  # may differ between a run and its --resume
 TRAINED_AUX_MODULES = ("rebuilder", "cmim_head")  # training-only modules: in ckpt.pt, never in model.pt
@@ -114,10 +115,15 @@ def parse_args(argv=None):
     g.add_argument("--lambda-fd", type=float, default=baselines.LAMBDA_FD, help="its weight (default: 0.005)")
     g.add_argument("--pl-crop", action="store_true", help="weight 0 on the top 15 / bottom 120 rows of target "
                    "pseudo-labels, scaled to the crop (DAFormer)")
-    g.add_argument("--recipe", choices=["dacs", "daformer"], default="dacs",
-                   help="daformer = --rcs --fd --pl-crop --ema 0.999 (default: dacs)")
+    g.add_argument("--recipe", choices=["dacs", "daformer", "hrda"], default="dacs",
+                   help="daformer = --rcs --fd --pl-crop --ema 0.999; hrda = daformer + HRDA's multi-resolution "
+                   "training (hrda.py): --resize-scale 2, crops 2x the pair's (1024), pseudo-label crop of the image's "
+                   "30 side columns too (default: dacs)")
+    g.add_argument("--resize-scale", type=float, help="images resized to this times the recipe's size before "
+                   "cropping (GTA 1280x720, Cityscapes 1024x512; toy 128x64) (default: 1; hrda: 2)")
     g = p.add_argument_group("run")
-    g.add_argument("--out", help="output folder (default: runs/SOURCE-TARGET-MODE-sSEED)")
+    g.add_argument("--out", help="output folder (default: runs/SOURCE-TARGET[-BACKBONE][-RECIPE]-MODE-sSEED, "
+                   "backbone and recipe named where they are not the pair's defaults)")
     g.add_argument("--seed", type=int, default=0, help="seed of weights, data order, augmentation, masks")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     g.add_argument("--dtype", choices=evaluation.DTYPES, help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")
@@ -139,12 +145,15 @@ def parse_args(argv=None):
 
 def resolve(args):
     """Fill the domain-dependent defaults and check ranges; raises ConfigError naming the flag."""
-    grid_given = args.mfm_grid is not None
-    for key, value in (TOY if args.target.startswith("toy") else PAPER).items():
+    grid_given, crop_given, hr = args.mfm_grid is not None, args.crop_size is not None, args.recipe == "hrda"
+    defaults = TOY if args.target.startswith("toy") else PAPER
+    for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.backbone in models.MITS and not grid_given:
-        args.mfm_grid = max(1, args.crop_size // 32)  # the last MiT stage: g = 16 at 512 crops, as the release
+    args.crop_size = args.crop_size * (1 + (hr and not crop_given))  # HRDA: 1024 crops of 2x images
+    args.resize_scale = args.resize_scale or (2.0 if hr else 1.0)
+    if args.backbone in models.MITS and not grid_given:  # the last MiT stage of a 512 crop (HRDA: of a 512 view)
+        args.mfm_grid = max(1, args.crop_size // (64 if hr else 32))  # is 16 x 16: the release's g
     if args.source.startswith("toy") != args.target.startswith("toy"):
         raise ConfigError(f"--source {args.source} and --target {args.target} do not share a label space setup: "
                           "pair toy-day with toy-night, gta/synthia with cityscapes.")
@@ -152,24 +161,32 @@ def resolve(args):
         raise ConfigError(f"--labeled is the semi-supervised setting: it needs --source = --target (cityscapes or "
                           f"toy-night), got --source {args.source} --target {args.target}"
                           + ("" if args.labeled is not None else " without --labeled N|FILE") + ".")
-    if args.recipe == "daformer":
+    if args.recipe != "dacs":
         vars(args).update(DAFORMER)
+    if hr and (args.crop_size // 2) % 8:
+        raise ConfigError(f"--crop-size {args.crop_size} with --recipe hrda: the detail crop (half of it, "
+                          f"{args.crop_size // 2}) must be divisible by 8.")
     args.mic_block = args.mic_block or max(1, args.crop_size // 16)
     aux = [] if args.no_mfm or args.source_only else [a for a in args.aux.split(",") if a not in ("", "none")]
     unknown = [a for a in aux if a not in AUXILIARIES]
     if unknown:
         raise ConfigError(f"--aux {args.aux}: unknown {', '.join(unknown)}; choose from {', '.join(AUXILIARIES)}, "
                           "or none.")
+    if hr and (args.labeled is not None or "cmim" in aux):
+        raise ConfigError("--recipe hrda does not support " + ("--labeled (HRDA is a UDA recipe)"
+                          if args.labeled is not None else "--aux cmim (its class images have no HRDA views)") + ".")
     args.aux = ",".join(aux) or "none"
     args.mode = "source-only" if args.source_only else "+".join(["dacs", *aux])
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     args.workers = (4 if args.device.startswith("cuda") else 0) if args.workers is None else args.workers
     pair = f"{args.target}-{Path(args.labeled).stem}" if args.labeled else f"{args.source}-{args.target}"
-    args.out = args.out or f"runs/{pair}-{args.mode.replace('+', '-')}-s{args.seed}"
+    what = [args.backbone] * (args.backbone != defaults["backbone"]) + [args.recipe] * (args.recipe != "dacs")
+    args.out = args.out or f"runs/{'-'.join([pair, *what, args.mode.replace('+', '-')])}-s{args.seed}"
     checks = [("--iters", args.iters > 0, "> 0"), ("--batch-size", args.batch_size > 0, "> 0"),
               ("--crop-size", args.crop_size >= 8, ">= 8"), ("--mask-ratio", 0 < args.mask_ratio < 1, "in (0, 1)"),
               ("--lr", args.lr > 0, "> 0"), ("--warmup", args.warmup >= 0, ">= 0"),
               ("--ema", 0 <= args.ema < 1, "in [0, 1)"), ("--workers", args.workers >= 0, ">= 0"),
+              ("--resize-scale", args.resize_scale > 0, "> 0"),
               ("--lambda-mfm", args.lambda_mfm >= 0, ">= 0"), ("--mfm-grid", args.mfm_grid > 0, "> 0"),
               ("--stop-at", args.stop_at is None or args.stop_at > 0, "> 0")]
     for flag, ok, expected in checks:
@@ -185,9 +202,10 @@ def resolve(args):
 
 # ----------------------------------------------------------------------------- the algorithm, step by step
 def source_loss(student, x_src, y_src):
-    """CE of the student on labelled source crops. x (B, 3, H, W), y (B, H, W) -> (scalar, features f_src)."""
+    """CE of the student on labelled source crops (HRDA: 0.9 fused + 0.1 detail, its seg_loss).
+    x (B, 3, H, W), y (B, H, W) -> (scalar, features f_src)."""
     feats = student.encode(x_src)
-    return weighted_cross_entropy(models.upsample(student.decode(feats), y_src.shape[-2:]), y_src), feats
+    return student.seg_loss(student.decode(feats), y_src), feats
 
 
 @torch.no_grad()
@@ -209,7 +227,8 @@ def mix(x_src, y_src, x_tgt, label_tgt, q):
 
 def mix_loss(student, x_mix, y_mix, w_mix):
     """Confidence-weighted CE of the student on the mixed image -> scalar."""
-    return weighted_cross_entropy(models.upsample(student(x_mix), y_mix.shape[-2:]), y_mix, w_mix)
+    return student.seg_loss(student.decode(student.encode(x_mix)), y_mix, w_mix)
+
 
 
 @torch.no_grad()
@@ -228,10 +247,11 @@ def lr_factor(step, args):
     return poly
 
 
-def train_step(run, x_src, y_src, x_tgt, step, args):
+def train_step(run, x_src, y_src, x_tgt, step, args, frame=None):
     """One iteration. Returns the losses (the mean over GPUs) as a dict of floats and the maps for pictures.
     Each loss term is one forward + backward through run["net"]; with several GPUs all but the last backward
-    skip DistributedDataParallel's gradient all-reduce (no_sync), so there is one all-reduce per step."""
+    skip DistributedDataParallel's gradient all-reduce (no_sync), so there is one all-reduce per step.
+    frame (B, 3): where each target crop lies in its image (data.build_dataset(frame=True)), for HRDA's margins."""
     teacher, net = run["teacher"], run["net"]
     # Autocast keeps LayerNorm, softmax and resizes in float32 (numerics), so the MiT stages and the Rebuilder's
     # output are float32 maps; the head's first Linear/conv casts them and keeps only its bf16 copy for backward.
@@ -254,16 +274,17 @@ def train_step(run, x_src, y_src, x_tgt, step, args):
         if run["imagenet"] is None:
             return losses["loss_src"]
         with torch.no_grad():  # DAFormer: stay close to ImageNet features on thing classes (MiT: the last stage)
-            feats_imagenet = run["imagenet"].encode(x_src)
-        last = (lambda f: f[-1]) if isinstance(feats, (list, tuple)) else (lambda f: f)
-        losses["loss_fd"] = baselines.feature_distance_loss(last(feats), last(feats_imagenet), y_src)
+            feats_imagenet = run["imagenet"].encode(x_src)  # (HRDA: its unused detail view costs ~2% of a step)
+        losses["loss_fd"] = baselines.feature_distance_loss(hrda.deepest(feats), hrda.deepest(feats_imagenet),
+                                                                  y_src)
         return losses["loss_src"] + args.lambda_fd * losses["loss_fd"]
     backward(source, last=teacher is None)
     if teacher is None:
         return finish_step(run, losses, seen, step, args)
     with autocast:  # the teacher's forward in the student's precision; pseudo_label's softmax is float32
         seen["pseudo_label"], q = pseudo_label(teacher, x_tgt, args.pseudo_threshold)
-    weight = baselines.pseudo_label_crop(q, seen["pseudo_label"]) if args.pl_crop else q
+    side = baselines.CROP_SIDE if args.recipe == "hrda" else 0
+    weight = baselines.pseudo_label_crop(q, seen["pseudo_label"], side=side, frame=frame) if args.pl_crop else q
     seen["x_mix"], seen["y_mix"], w_mix = mix(x_src, y_src, x_tgt, seen["pseudo_label"], weight)
     losses["confidence"] = q
 
@@ -274,7 +295,8 @@ def train_step(run, x_src, y_src, x_tgt, step, args):
     def auxiliary(m, name):  # on the plain target crop: no mixing, no strong augmentation
         if name == "mfm":
             losses["loss_mfm"], seen["mfm_mask"] = mfm_loss(m.student.decode, m.rebuilder, m.student.encode(x_tgt),
-                                                            seen["pseudo_label"], weight, return_mask=True)
+                                                            seen["pseudo_label"], weight, return_mask=True,
+                                                            loss_fn=m.student.seg_loss)
         elif name == "mic":
             losses["loss_mic"] = baselines.mic_loss(m.student, x_tgt, seen["pseudo_label"], weight, args.mic_block,
                                                     args.mic_ratio)
@@ -360,15 +382,18 @@ def build_run(args, num_classes):
     torchrun the trained modules are wrapped in DDP (which copies rank 0's initial weights to every rank)."""
     device = torch.device(args.device)
     world = dist.get_world_size() if dist.is_initialized() else 1
-    student = models.build_model(num_classes, args.backbone, pretrained=args.pretrained).to(device)
+    student = hrda.build_model(num_classes, args.backbone, args.pretrained, hrda=dict(crop_size=args.crop_size)
+                               if args.recipe == "hrda" else None).to(device)
     if args.sync_bn and world > 1:
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
     if device.type == "cuda":
         student = student.to(memory_format=torch.channels_last)
     channels = student.feat_channels if isinstance(student.feat_channels, int) else student.feat_channels[-1]
-    run = dict(student=student, teacher=None, imagenet=None, world=world, stop_signal=[],
-               rebuilder=Rebuilder(student.feat_channels, args.mfm_dim, args.mfm_grid, args.mfm_depth, args.mfm_heads,
-                                   mask_ratio=args.mask_ratio).to(device) if "mfm" in args.aux else None,
+    rebuilder = Rebuilder(student.feat_channels, args.mfm_dim, args.mfm_grid, args.mfm_depth, args.mfm_heads,
+                          mask_ratio=args.mask_ratio).to(device) if "mfm" in args.aux else None
+    if rebuilder is not None and isinstance(student, hrda.HRDA):  # one Rebuilder for both views (HRDA.md §4.2)
+        rebuilder = hrda.PerView(rebuilder)
+    run = dict(student=student, teacher=None, imagenet=None, world=world, stop_signal=[], rebuilder=rebuilder,
                cmim_head=baselines.ClassWiseReconstructor(channels, student.feat_stride).to(device)
                if "cmim" in args.aux else None)  # choice: trained like the Rebuilder (its LR group)
     run["net"] = Trainable(student, run["rebuilder"], run["cmim_head"])
@@ -503,12 +528,15 @@ def train(args):
         keys = data.labeled_split(args.target, args.data_root, args.labeled, args.seed)  # N or a split file
     if rank > 0:  # rank 0 first: it writes the RCS statistics cache that the others then read
         dist.barrier()
+    size = {name: tuple(round(v * args.resize_scale) for v in data.RESIZE[name]) for name in data.RESIZE}
     src = data.build_dataset(args.source, args.data_root, "train", crop_size=args.crop_size, seed=args.seed,
-                             rcs=args.rcs, rcs_cache=out / "rcs_stats.json", keys=keys, source=True)
+                             rcs=args.rcs, rcs_cache=out / "rcs_stats.json", keys=keys, source=True,
+                             resize=size[args.source])
     if rank == 0 and world > 1:
         dist.barrier()
-    tgt = data.build_dataset(args.target, args.data_root, "train", crop_size=args.crop_size, seed=args.seed + 1)
-    val = data.build_dataset(args.target, args.data_root, "val", train=False)
+    tgt = data.build_dataset(args.target, args.data_root, "train", crop_size=args.crop_size, seed=args.seed + 1,
+                             resize=size[args.target], frame=True)
+    val = data.build_dataset(args.target, args.data_root, "val", train=False, resize=size[args.target])
     run = build_run(args, src.num_classes)
     if world > 1:  # augmentation, ClassMix and masks differ per rank; the weights were made (and broadcast) above
         torch.manual_seed(args.seed + rank)
@@ -543,12 +571,13 @@ def train(args):
             done = step + 1
             picture = rank == 0 and args.vis_every and done % args.vis_every == 0
             x_src, y_src = (t.to(device, non_blocking=True) for t in next(src_iter))
-            x_tgt = None  # target labels are never used for training; source-only needs target crops for pictures
+            x_tgt = frame = None  # target labels are never used for training; source-only pictures need crops
             if run["teacher"] is not None or picture:
-                x_tgt = next(tgt_iter)[0].to(device, non_blocking=True).contiguous(memory_format=channels_last)
+                x_tgt, _, frame = (t.to(device, non_blocking=True) for t in next(tgt_iter))
+                x_tgt = x_tgt.contiguous(memory_format=channels_last)
             x_src = x_src.contiguous(memory_format=channels_last)
             try:
-                values, seen = train_step(run, x_src, y_src, x_tgt, step, args)
+                values, seen = train_step(run, x_src, y_src, x_tgt, step, args, frame)
                 bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in values.items()})
             except NonFiniteLoss as err:
                 if not args.skip_nonfinite:

@@ -94,10 +94,10 @@ def test_a_run_that_died_before_its_first_checkpoint_restarts_with_the_same_comm
             "--out", str(tmp_path / "run"), "--eval-every", "2", "--vis-every", "0", "--log-every", "1"]
     step = train.train_step
 
-    def dies_at_step_2(run, x_src, y_src, x_tgt, i, args):
+    def dies_at_step_2(run, x_src, y_src, x_tgt, i, args, frame=None):
         if i == 1:
             raise MemoryError("killed")
-        return step(run, x_src, y_src, x_tgt, i, args)
+        return step(run, x_src, y_src, x_tgt, i, args, frame)
     monkeypatch.setattr(train, "train_step", dies_at_step_2)
     with pytest.raises(MemoryError):
         train.main(argv)

@@ -11,8 +11,11 @@ def test_gpu_check_runs_every_part_at_tiny_size_on_cpu(tmp_path, capsys):
     assert set(parts) == {"tests", "bench", "train", "compile"}
     assert not [name for name, part in parts.items() if "error" in part], parts
     assert parts["tests"]["returncode"] == 0 and "skipped" in parts["tests"]["summary"]  # no GPU here
-    for run in parts["bench"].values():
-        assert set(run["modes"]) == {"source-only", "dacs", "dacs+mfm", "dacs+mfm fp32"}
+    assert set(parts["bench"]) == {"resnet18", "mit_b0", "mit_b0 HRDA"}
+    for name, run in parts["bench"].items():
+        hrda = name.endswith("HRDA")
+        assert set(run["modes"]) == {"source-only", "dacs", "dacs+mfm", *(["dacs+mic", "dacs+mfm,mic"] if hrda else
+                                                                         ["dacs+mfm fp32"])}
         assert all(mode["host_syncs"] == 1 for mode in run["modes"].values())
     assert parts["train"]["returncode"] == 0 and parts["train"]["step_s"] > 0
     assert parts["train"]["eval_mIoU"] is not None and parts["train"]["loader_images_per_s"]
@@ -21,6 +24,6 @@ def test_gpu_check_runs_every_part_at_tiny_size_on_cpu(tmp_path, capsys):
     saved = json.loads((tmp_path / "gpu_check.json").read_text())
     assert saved["device"] == report["device"] and "(--tiny)" in saved["device"]
     md = (tmp_path / "gpu_check.md").read_text()
-    for heading in ("# GPU check", "## CUDA tests", "## bench.py, resnet18", "## bench.py, mit_b0",
+    for heading in ("# GPU check", "## CUDA tests", "## bench.py, resnet18", "## bench.py, mit_b0 HRDA",
                     "## train.py on official-layout data", "## --compile against eager"):
         assert heading in md, heading
