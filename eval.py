@@ -174,7 +174,9 @@ def main(argv=None):
     model, ckpt = models.model_from_checkpoint(args.ckpt, args.device)
     if args.device.startswith("cuda"):
         model = model.to(memory_format=torch.channels_last)
-    dataset = data.build_dataset(args.target, args.data_root, args.split, train=False)
+    scale = ckpt.get("config", {}).get("resize_scale", 1.0)  # the training resolution (HRDA: 2x, 2048x1024)
+    dataset = data.build_dataset(args.target, args.data_root, args.split, train=False,
+                                 resize=tuple(round(v * scale) for v in data.RESIZE[args.target]))
     if model.config["num_classes"] != dataset.num_classes:
         raise models.WeightsError(f"{args.ckpt} predicts {model.config['num_classes']} classes but {args.target} "
                                   f"is labelled with {dataset.num_classes}; evaluate it on a dataset of its classes.")

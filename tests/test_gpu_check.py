@@ -3,6 +3,7 @@ report (markdown + JSON) with the device named. Figures are only checked for bei
 import json
 
 import gpu_check
+import train
 
 
 def test_gpu_check_runs_every_part_at_tiny_size_on_cpu(tmp_path, capsys):
@@ -27,3 +28,16 @@ def test_gpu_check_runs_every_part_at_tiny_size_on_cpu(tmp_path, capsys):
     for heading in ("# GPU check", "## CUDA tests", "## bench.py, resnet18", "## bench.py, mit_b0 HRDA",
                     "## train.py on official-layout data", "## --compile against eager"):
         assert heading in md, heading
+
+
+def test_the_second_run_asks_toy_table_for_flags_train_py_accepts(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(gpu_check.subprocess, "run", lambda argv, cwd: calls.append(argv) or
+                        gpu_check.subprocess.CompletedProcess(argv, 0))
+    assert gpu_check.main(["--toy-effect", "--out", str(tmp_path)]) == 0
+    argv = calls[0]
+    assert argv[1].endswith("toy_table.py") and argv[argv.index("--methods") + 1:][:2] == ["dacs", "dacs+mfm"]
+    flags = argv[argv.index("--train-args") + 1].split()
+    args = train.parse_args(["--source", "toy-day", "--target", "toy-night", *flags[:-2], "--device", "cpu"])
+    assert (args.backbone, args.crop_size, args.resize_scale, args.iters) == ("mit_b0", 256, 4.0, 2000)
+    assert flags[-2:] == ["--device", "cuda"]

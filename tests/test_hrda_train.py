@@ -35,8 +35,9 @@ def test_every_hrda_recipe_trains_exports_and_evaluates(fake_data, tmp_path, fla
     assert not any(k.startswith(("rebuilder", "teacher")) for k in exported["model"])
     model, _ = train.models.model_from_checkpoint(out / "model.pt")
     assert isinstance(model, hrda.HRDA)
-    val = data.build_dataset("cityscapes", fake_data, "val", train=False, resize=(128, 64))
-    again = evaluation.evaluate(model, val, progress=False)
+    evaluation.main(["--ckpt", str(out / "model.pt"), "--target", "cityscapes", "--data-root", str(fake_data),
+                     "--workers", "0", "--device", "cpu"])  # at the training resolution (--resize-scale)
+    again = json.loads((out / "metrics.json").read_text())
     assert again["mIoU"] == pytest.approx(result["mIoU"], abs=0.01)  # eval.py's model is the trained one
     with pytest.raises(SystemExit, match="--recipe"):  # a checkpoint of another recipe is refused
         train.main([*SMALL, *flags, "--data-root", str(fake_data), "--out", str(out), "--resume", "--recipe",
