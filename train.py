@@ -40,7 +40,7 @@ import data
 import eval as evaluation
 import hrda
 import models
-from mfm import Rebuilder, mfm_loss, weighted_cross_entropy
+from mfm import Rebuilder, mfm_loss
 
 # Defaults that depend on the domain pair: the paper's recipe for the real datasets, a CPU-sized one for the toy.
 # resnet101-v1c: the DeepLabV2 backbone of the DAFormer/MIC code bases the paper's 55.9 comes from (METHOD.md §2).
@@ -61,7 +61,7 @@ class ConfigError(Exception):
 
 
 class NonFiniteLoss(Exception):
-    """A loss became NaN or inf."""
+    """A loss or the gradient became NaN or inf (checked before the optimizer step)."""
 
 
 def parse_args(argv=None):
@@ -230,7 +230,6 @@ def mix_loss(student, x_mix, y_mix, w_mix):
     return student.seg_loss(student.decode(student.encode(x_mix)), y_mix, w_mix)
 
 
-
 @torch.no_grad()
 def ema_update(teacher, student, step, alpha):
     """teacher = a * teacher + (1 - a) * student over parameters (not BN buffers), a = min(1 - 1/(step+1), alpha):
@@ -275,8 +274,8 @@ def train_step(run, x_src, y_src, x_tgt, step, args, frame=None):
             return losses["loss_src"]
         with torch.no_grad():  # DAFormer: stay close to ImageNet features on thing classes (MiT: the last stage)
             feats_imagenet = run["imagenet"].encode(x_src)  # (HRDA: its unused detail view costs ~2% of a step)
-        losses["loss_fd"] = baselines.feature_distance_loss(hrda.deepest(feats), hrda.deepest(feats_imagenet),
-                                                                  y_src)
+        f_student, f_imagenet = hrda.deepest(feats), hrda.deepest(feats_imagenet)
+        losses["loss_fd"] = baselines.feature_distance_loss(f_student, f_imagenet, y_src)
         return losses["loss_src"] + args.lambda_fd * losses["loss_fd"]
     backward(source, last=teacher is None)
     if teacher is None:
@@ -314,8 +313,9 @@ def finish_step(run, losses, seen, step, args):
     flag); stop on a non-finite one *before* the optimizer step, so that no NaN reaches the weights, the AdamW
     moments or the teacher; optimizer step; EMA teacher."""
     grads = [p.grad for group in run["optimizer"].param_groups for p in group["params"] if p.grad is not None]
-    grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
-    values = torch.stack([v.detach().float() for v in losses.values()] + [grad_norm.float()])
+    values = [v.detach().float() for v in losses.values()]
+    grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else values[0] * 0
+    values = torch.stack(values + [grad_norm.float()])
     names = [*losses, "grad_norm"]
     if run["world"] > 1:  # every rank sees the same values, so all stop or skip together
         values = torch.cat([values, torch.ones(1, device=values.device) * bool(run["stop_signal"])])
@@ -624,8 +624,8 @@ def main(argv=None):
     except (ConfigError, data.DatasetError, models.WeightsError) as err:
         sys.exit(f"error: {err}")
     except NonFiniteLoss as err:
-        sys.exit(f"error: non-finite loss: {err}. Stopped; the last good checkpoint is untouched. Lower --lr, "
-                 "use --dtype fp32, or pass --skip-nonfinite to skip such steps.")
+        sys.exit(f"error: {err}. Stopped; the last good checkpoint is untouched. Lower --lr, use --dtype "
+                 "fp32, or pass --skip-nonfinite to skip such steps.")
     except RuntimeError as err:  # cuDNN/cuBLAS report a failed allocation as a plain RuntimeError
         if not isinstance(err, torch.cuda.OutOfMemoryError) and "ALLOC_FAILED" not in str(err):
             raise
