@@ -126,3 +126,16 @@ def test_flops_only_counts_every_hrda_mode_on_the_meta_device(capsys):
     assert rows["source-only"] < rows["dacs"] < rows["dacs+mfm"] < rows["dacs+mfm,mic"]
     assert rows["dacs"] < rows["dacs+mic"] < rows["dacs+mfm,mic"]
     assert "inference, 1x3x64x128:" in table and table == capsys.readouterr().out.strip()
+
+
+def test_the_step_gives_hrda_margins_the_target_crops_frame(monkeypatch):
+    args = train.parse_args(["--source", "toy-day", "--target", "toy-night", "--recipe", "hrda", "--crop-size", "64",
+                             "--mfm-dim", "64", "--mfm-heads", "4", "--no-mfm", "--device", "cpu"])
+    train.set_seed(0)
+    run = train.build_run(args, 19)
+    seen, crop = [], baselines.pseudo_label_crop
+    monkeypatch.setattr(baselines, "pseudo_label_crop", lambda *a, **k: seen.append(k) or crop(*a, **k))
+    frame = torch.tensor([[0, 0, 256], [192, 1, 256]])
+    x = torch.rand(2, 3, 64, 64)
+    train.train_step(run, x, torch.randint(0, 19, (2, 64, 64)), x, 0, args, frame)
+    assert seen[0]["side"] == baselines.CROP_SIDE and seen[0]["frame"] is frame
