@@ -416,9 +416,9 @@ def build_run(args, num_classes):
         group["base_lr"] = group["lr"]
     run["optimizer"] = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     run["scaler"] = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")
-    if args.compile:  # after the copies: the teacher and the ImageNet copy stay plain modules
-        student.encode, student.decode = (torch.compile(f, backend=args.compile) for f in (student.encode,
-                                                                                            student.decode))
+    if args.compile:  # after the copies: the teacher and the ImageNet copy stay plain modules. HRDA: its network,
+        net = student.net if isinstance(student, hrda.HRDA) else student  # whose input sizes do not change
+        net.encode, net.decode = (torch.compile(f, backend=args.compile) for f in (net.encode, net.decode))
     return run
 
 

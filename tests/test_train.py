@@ -267,11 +267,16 @@ def test_synthia_benchmark_runs_from_official_layout_to_its_first_step(fake_data
     assert config["backbone"] == "resnet101-v1c"
 
 
-def test_compile_smoke(tmp_path):
+@pytest.mark.parametrize("flags", [["--crop-size", "32"], ["--recipe", "hrda", "--crop-size", "64"]])
+def test_compile_smoke(tmp_path, flags, monkeypatch):
     """--compile runs the student's encode/decode through torch.compile (the light 'eager' backend here: the
-    inductor backend's C++ build does not fit the CPU test budget); the checkpoint keeps plain weight names."""
+    inductor backend's C++ build does not fit the CPU test budget); the checkpoint keeps plain weight names.
+    Under HRDA the network inside is compiled: its input sizes stay fixed while the detail box moves."""
+    compiled, compile_ = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda f, **k: compiled.append(type(f.__self__).__name__) or compile_(f, **k))
     out = tmp_path / "run"
-    train.main(["--source", "toy-day", "--target", "toy-night", "--out", str(out), "--iters", "1", "--crop-size", "32",
+    train.main(["--source", "toy-day", "--target", "toy-night", "--out", str(out), "--iters", "1", *flags,
                 "--eval-every", "0", "--vis-every", "0", "--mfm-dim", "64", "--mfm-heads", "4", "--compile", "eager"])
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 1 and not any("_orig_mod" in k for k in ckpt["model"])
+    assert compiled == ["DeepLabV2", "DeepLabV2"]
