@@ -53,7 +53,7 @@ from torch import nn
 
 import data
 import models
-from mfm import IGNORE_INDEX, weighted_cross_entropy
+from mfm import IGNORE_INDEX
 
 MIC_BLOCK, MIC_RATIO = 32, 0.7  # MIC at the 512-crop / half-resolution setting (64 px at full resolution)
 CMIM_PATCH, CMIM_RATIO = 16, 0.5  # choice (S4MIM's values are unknown)
