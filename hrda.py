@@ -55,10 +55,7 @@ class AttentionHead(nn.Module):
     def __init__(self, feat_channels, num_classes, embed=256):
         super().__init__()
         if isinstance(feat_channels, int):
-            self.head = models.ASPPClassifier(feat_channels, num_classes, (6, 12))
-            for conv in self.head.convs:  # DLV2Head: N(0, 0.01), bias 0
-                nn.init.normal_(conv.weight, 0.0, 0.01)
-                nn.init.zeros_(conv.bias)
+            self.head = models.ASPPClassifier(feat_channels, num_classes, (6, 12))  # DLV2Head: N(0, 0.01), bias 0
             return
         self.head = None
         self.embed = nn.ModuleList(nn.Linear(c, embed) for c in feat_channels)
