@@ -61,6 +61,16 @@ def test_two_ranks_hold_identical_weights_after_different_data(tmp_path):
     assert all(torch.equal(ckpt["model"][k], rank0["student"][k]) for k in ckpt["model"])
 
 
+def test_hrda_trains_on_two_ranks_with_identical_weights(tmp_path):
+    """--recipe hrda under torchrun (HRDA's own code runs on one GPU only): MFM on both views, the attention head,
+    and DDP without the unused-parameter search (every trained parameter takes part in the MFM branch)."""
+    rank0, rank1 = torchrun(tmp_path, tmp_path / "run", "--iters", 2, "--recipe", "hrda", "--crop-size", 64)
+    for part in ("student", "teacher", "rebuilder"):
+        params = [k for k in rank0[part] if "running" not in k and "num_batches" not in k]
+        assert all(torch.equal(rank0[part][k], rank1[part][k]) for k in params), part
+    assert any(k.startswith("attention.") for k in rank0["student"])
+
+
 def test_two_rank_run_resumes_to_the_uninterrupted_weights(tmp_path):
     straight = torchrun(tmp_path, tmp_path / "a", "--iters", 4)[0]
     torchrun(tmp_path, tmp_path / "b", "--iters", 4, "--stop-at", 2)
