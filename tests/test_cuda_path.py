@@ -189,3 +189,16 @@ def test_cuda_and_cpu_compute_the_same_augmentation_and_mix_semantics():
     assert torch.equal(w_mix, torch.where(pasted, 1.0, 0.5)) and torch.equal(y_mix[pasted], y_src[pasted])
     out = data.strong_augment(x_mix)
     assert out.shape == x_mix.shape and out.device.type == "cuda" and 0 <= out.min() and out.max() <= 1
+
+
+def test_each_rank_takes_its_gpu_also_where_the_launcher_shows_it_only_one(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(train.dist, "init_process_group", lambda *a, **k: None)
+    monkeypatch.setattr(train.dist, "get_rank", lambda: 3)
+    for visible, expected in ((4, "cuda:3"), (1, "cuda:0")):  # a node's 4 GPUs; one GPU per process (e.g. SLURM)
+        monkeypatch.setenv("LOCAL_RANK", "3")
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+        args = toy_args()
+        args.device = "cuda"
+        assert train.setup_distributed(args) == (3, 4) and args.device == expected
