@@ -488,9 +488,10 @@ def load_checkpoint(run, args, rank=0):
     rng = ckpt["rng"][rank % len(ckpt["rng"])]  # exact when resumed with as many processes as it was run with
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
-    device = torch.device(args.device)
-    if device.type == "cuda" and rng["cuda"] is not None:
-        torch.cuda.set_rng_state(rng["cuda"][0] if isinstance(rng["cuda"], list) else rng["cuda"], device)
+    device, state = torch.device(args.device), rng["cuda"]
+    if device.type == "cuda" and state is not None:  # older checkpoints hold a list: every GPU's state
+        state = state[(device.index or 0) % len(state)] if isinstance(state, list) else state
+        torch.cuda.set_rng_state(state, device)
     return ckpt["step"]
 
 
