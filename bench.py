@@ -186,23 +186,35 @@ class HostSyncCounter(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def meta_run(train_argv):
-    """train.parse_args + train.build_run on the meta device (shapes, no data) and a batch -> (args, run, batch)."""
+def prepared_step(targs):
+    """train.build_run for parsed train.py flags, random tensors of the training shapes (channels_last on CUDA, as
+    train.py's loop) -> (run, step, counter): step() runs the next train.train_step, counter counts them."""
+    device, b, c, k = torch.device(targs.device), targs.batch_size, targs.crop_size, data.SegDataset.num_classes
+    train.set_seed(0)
+    run = train.build_run(targs, k)
+    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    x_src, x_tgt = (torch.rand(b, 3, c, c, device=device).contiguous(memory_format=layout) for _ in range(2))
+    y_src, steps = torch.randint(0, k, (b, c, c), device=device), itertools.count()
+
+    def step():
+        train.train_step(run, x_src, y_src, x_tgt, next(steps), targs)
+    return run, step, steps
+
+
+def meta_step(train_argv):
+    """prepared_step of `train.py train_argv` on the meta device: shapes, no data, no GPU."""
     targs = train.parse_args([*train_argv, "--device", "cpu", "--dtype", "fp32"])
     targs.device = "meta"
-    run = train.build_run(targs, data.SegDataset.num_classes)
-    b, c = targs.batch_size, targs.crop_size
-    x_src, x_tgt = torch.rand(b, 3, c, c, device="meta"), torch.rand(b, 3, c, c, device="meta")
-    return targs, run, (x_src, torch.randint(0, data.SegDataset.num_classes, (b, c, c), device="meta"), x_tgt)
+    return prepared_step(targs)
 
 
 def meta_step_syncs(train_argv, steps=2):
     """Host syncs per training step of `train.py train_argv`, counted on the meta device (no data, no GPU):
     {what: count per step}. The data arrive as the loop's pinned, non-blocking copies do (not counted)."""
-    targs, run, batch = meta_run(train_argv)
+    _, step, _ = meta_step(train_argv)
     with HostSyncCounter() as counter:
-        for step in range(steps):
-            train.train_step(run, *batch, step, targs)
+        for _ in range(steps):
+            step()
     return {k: v / steps for k, v in counter.counts.items()}
 
 
@@ -211,9 +223,9 @@ def flops_only(args, modes):
     the meta device: no data, no timing, seconds even for MiT-B5 HRDA at 1024. Returns a markdown table."""
     rows, student = {}, None
     for name, extra in modes:
-        targs, run, batch = meta_run(train_argv(args, extra))
+        run, step, _ = meta_step(train_argv(args, extra))
         with HostSyncCounter(), count_flops() as counter:
-            train.train_step(run, *batch, 0, targs)
+            step()
         rows[name], student = counter.get_total_flops(), run["student"]
     with count_flops() as counter, torch.no_grad():
         student.eval()(torch.zeros(1, 3, args.crop_size, 2 * args.crop_size, device="meta"))
@@ -275,17 +287,7 @@ def bench_training(name, extra, args, device, export_dir):
     targs_argv = train_argv(args, extra)
     targs = train.parse_args(["--device", args.device, "--dtype", args.dtype, *targs_argv])  # extra may set dtype
     fresh_memory(device)
-    train.set_seed(0)
-    run = train.build_run(targs, data.SegDataset.num_classes)
-    b, c = args.batch_size, args.crop_size
-    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # as train.py's loop
-    x_src = torch.rand(b, 3, c, c, device=device).contiguous(memory_format=layout)
-    y_src = torch.randint(0, data.SegDataset.num_classes, (b, c, c), device=device)
-    x_tgt = torch.rand(b, 3, c, c, device=device).contiguous(memory_format=layout)
-    steps = itertools.count()
-
-    def step():
-        train.train_step(run, x_src, y_src, x_tgt, next(steps), targs)
+    run, step, steps = prepared_step(targs)
     result = repeat(step, device, args.warmup, args.reps)
     result["state_bytes"] = state_bytes(run)
     result["host_syncs"] = cuda_step_syncs(step) if device.type == "cuda" else sum(meta_step_syncs(
@@ -298,7 +300,7 @@ def bench_training(name, extra, args, device, export_dir):
         else:  # what the step keeps from before it (zero_grad drops the gradients first) + what it allocates
             result["peak_bytes"] = state_bytes(run, grads=False) + cpu_peak_bytes(step)
     result["flops"] = counter.get_total_flops()
-    result["images_per_s"] = 2 * b / result["median_s"]  # source + target images
+    result["images_per_s"] = 2 * args.batch_size / result["median_s"]  # source + target images
     result["hours_40k"] = 40_000 * result["median_s"] / 3600  # the paper's schedule
     path = Path(export_dir) / f"{name.replace('+', '-')}.pt"
     models.atomic_save(train.export(run, targs, next(steps)), path)

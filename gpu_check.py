@@ -123,15 +123,7 @@ def part_compile(s, out):
         argv = ["--source", "gta", "--target", "cityscapes", "--pretrained", "none", "--backbone",
                 s["compile_backbone"], "--crop-size", str(s["crop"]), "--device", s["device"], "--dtype", s["dtype"]]
         args = train.parse_args(argv + (["--compile", backend] if backend else []))
-        train.set_seed(0)
-        run = train.build_run(args, data.SegDataset.num_classes)
-        device = torch.device(args.device)
-        x_src, x_tgt = (torch.rand(2, 3, s["crop"], s["crop"], device=device) for _ in range(2))
-        y_src = torch.randint(0, 19, (2, s["crop"], s["crop"]), device=device)
-        steps = iter(range(10 ** 6))
-
-        def step():
-            train.train_step(run, x_src, y_src, x_tgt, next(steps), args)
+        device, (_, step, _) = torch.device(args.device), bench.prepared_step(args)
         first = bench.timed(step, device)  # eager: cuDNN autotuning; compiled: tracing + code generation
         timing = bench.repeat(step, device, s["warmup"], s["reps"])
         result[f"compile ({backend})" if backend else "eager"] = dict(first_step_s=first,

@@ -157,13 +157,19 @@ def test_detail_only_inside_the_box(backbone, box, far):
             torch.testing.assert_close(fused, hr_seg[..., 1:-1, 1:-1])
 
 
+def encoder_batches(model, monkeypatch):
+    """The batch size of every call of model.net.encode from now on (a list that fills as they happen)."""
+    batches, encode = [], model.net.encode
+    monkeypatch.setattr(model.net, "encode", lambda t: batches.append(len(t)) or encode(t))
+    return batches
+
+
 @pytest.mark.parametrize("backbone", ["mit_b0", "resnet18"])
 def test_teacher_is_context_plus_nine_averaged_crops(backbone, monkeypatch):
     model = tiny(backbone).eval()
     torch.manual_seed(1)
     x = torch.rand(2, 3, 128, 128)
-    batches, encode = [], model.net.encode
-    monkeypatch.setattr(model.net, "encode", lambda t: batches.append(len(t)) or encode(t))
+    batches = encoder_batches(model, monkeypatch)
     with torch.no_grad():
         out = model(x)
     assert batches == [2, 18]  # one context call, one call for all 9 crops of both images
@@ -188,8 +194,7 @@ def test_test_time_windows(monkeypatch):
     model = tiny().eval()
     torch.manual_seed(1)
     x = torch.rand(2, 3, 128, 256)
-    batches, encode = [], model.net.encode
-    monkeypatch.setattr(model.net, "encode", lambda t: batches.append(len(t)) or encode(t))
+    batches = encoder_batches(model, monkeypatch)
     with torch.no_grad():
         out = model(x)
         assert batches == [6, 54]  # 3 windows batched: 3B contexts, 27B detail crops
