@@ -229,8 +229,9 @@ def flops_only(args, modes):
         rows[name], student = counter.get_total_flops(), run["student"]
     with count_flops() as counter, torch.no_grad():
         student.eval()(torch.zeros(1, 3, args.crop_size, 2 * args.crop_size, device="meta"))
+    command = shlex.join(["python", "bench.py", *args.argv])
     lines = [f"{args.backbone}{' HRDA' if args.hrda else ''}, {args.crop_size} px crops, batch {args.batch_size} + "
-             f"{args.batch_size}: FLOPs counted on the meta device (`{shlex.join(['python', 'bench.py', *args.argv])}`)",
+             f"{args.batch_size}: FLOPs counted on the meta device (`{command}`)",
              "", "| mode | GFLOP/step | vs DACS |", "|---|---|---|"]
     lines += [f"| {name} | {f / 1e9:,.1f} | {f / rows['dacs']:.3f}x |" for name, f in rows.items()]
     lines += ["", f"inference, 1x3x{args.crop_size}x{2 * args.crop_size}: {counter.get_total_flops() / 1e9:,.1f} GFLOP"]
@@ -261,18 +262,28 @@ def state_bytes(run, grads=True):
 
 def cpu_peak_bytes(fn):
     """Run fn() and return the most CPU memory it held at once, counting only what it allocated itself.
-    PyTorch keeps no CPU allocator peak; the profiler's allocation records carry a running total of the bytes
-    allocated while profiling that are still alive (frees of older tensors are not in it)."""
+    PyTorch keeps no CPU allocator peak; the profiler records each allocation and free (pointer, size), and the
+    running sum over fn's own allocations (frees of anything older left out) is what fn held."""
     from torch._C._profiler import _EventType  # the records behind torch.profiler's memory timeline
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    totals, nodes = [0], list(prof.profiler.kineto_results.experimental_event_tree())
+    records, nodes = [], list(prof.profiler.kineto_results.experimental_event_tree())
     while nodes:
         node = nodes.pop()
         nodes += node.children
         if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
-            totals.append(node.extra_fields.total_allocated)
-    return max(totals)
+            records.append((node.start_time_ns, node.extra_fields.ptr, node.extra_fields.alloc_size))
+    held, peak, own = 0, 0, set()
+    for _, ptr, size in sorted(records):
+        if size > 0:
+            own.add(ptr)
+        elif ptr not in own:  # freed, but allocated before fn
+            continue
+        else:
+            own.discard(ptr)
+        held += size
+        peak = max(peak, held)
+    return peak
 
 
 def train_argv(args, extra):
@@ -332,23 +343,32 @@ def bench_inference(paths, args, device):
             for label, t in times.items()}
 
 
-def bench_loader(workers, n, batch_size=2):
-    """Images/s of the training pipeline on n GTA-sized PNG pairs, for 0 and `workers` DataLoader processes;
-    prints a table and returns {workers: images/s}."""
+def write_pair(image_path, label_path, size, rng, palette=True):
+    """An image and its label-id PNG of `size` (W, H) as the downloads encode them (GTA's labels: palette PNGs):
+    smooth noise, which compresses and decodes like a photograph, and blocky ids from the Cityscapes table."""
+    ids = np.array(list(data.CITYSCAPES_ID_TO_TRAINID), np.uint8)
+    for path in (image_path, label_path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (66, 120, 3), np.uint8)).resize(size, Image.BILINEAR).save(image_path)
+    label = Image.fromarray(rng.choice(ids, (17, 30))).resize(size, Image.NEAREST)
+    if palette:  # 'L' -> 'P', as the GTA download
+        label.putpalette(np.array(data.PALETTE, np.uint8).ravel().tolist())
+    label.save(label_path)
+
+
+def bench_loader(workers, n, batch_size=2, root=None, crop_size=512):
+    """Images/s of the training pipeline on n GTA-sized PNG pairs written here (or the first n of the GTA tree
+    under `root`), for 0 and `workers` DataLoader processes; prints a table and returns {workers: images/s}."""
     result = {}
     with tempfile.TemporaryDirectory() as tmp:
-        root, rng, ids = Path(tmp), np.random.default_rng(0), np.array(list(data.CITYSCAPES_ID_TO_TRAINID), np.uint8)
-        for sub in ("images", "labels"):
-            (root / "gta" / sub).mkdir(parents=True)
-        for i in tqdm(range(n), desc="writing GTA-sized PNG pairs"):  # smooth noise: compresses like a photo
-            img = Image.fromarray(rng.integers(0, 256, (66, 120, 3), np.uint8)).resize((1914, 1052), Image.BILINEAR)
-            img.save(root / f"gta/images/{i + 1:05d}.png")
-            lbl = Image.fromarray(rng.choice(ids, (17, 30))).resize((1914, 1052), Image.NEAREST)
-            lbl.putpalette(np.array(data.PALETTE, np.uint8).ravel().tolist())  # 'L' -> 'P', as the GTA download
-            lbl.save(root / f"gta/labels/{i + 1:05d}.png")
-        ds = data.build_dataset("gta", root=root, crop_size=512)
-        print(f"training pipeline: GTA 1914x1052 PNG -> 1280x720 -> 512 crop, batch {batch_size}, {n} images "
-              "(first batch untimed)\nworkers  images/s")
+        if root is None:
+            root, rng = Path(tmp), np.random.default_rng(0)
+            for i in tqdm(range(n), desc="writing GTA-sized PNG pairs"):
+                write_pair(root / f"gta/images/{i + 1:05d}.png", root / f"gta/labels/{i + 1:05d}.png", (1914, 1052),
+                           rng)
+        ds = data.build_dataset("gta", root=root, crop_size=crop_size)
+        print(f"training pipeline: GTA PNG -> {ds.eval_size[0]}x{ds.eval_size[1]} -> {crop_size} crop, batch "
+              f"{batch_size}, {n} images (first batch untimed)\nworkers  images/s")
         for w in sorted({0, workers}):
             loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=range(n), num_workers=w)
             batches = iter(loader)
@@ -403,11 +423,12 @@ def markdown(report):
                      f"{ratio(r, 'peak_bytes')} | {mib(r['state_bytes'])} | {r['host_syncs']:g} | "
                      f"{r['hours_40k']:.1f} h |")
     legend = ("peak MiB: the most memory a training step holds (CUDA: torch.cuda.max_memory_allocated; CPU: the "
-              "state it keeps plus the profiler's running total of what it allocates); state MiB: weights, buffers, "
-              "gradients and AdamW moments of student, teacher and training-only heads; images/s counts source + "
-              "target images; host syncs: per step (CUDA: torch.cuda.set_sync_debug_mode; CPU: counted on the meta "
-              "device); MFU: " + (f"against a measured matmul rate of {report['matmul_tflops']:.0f} TFLOP/s"
-                                   if report.get("matmul_tflops") else "n/a on CPU") + ".")
+              "state it keeps plus the most its own allocations hold at once, from the profiler's records); state "
+              "MiB: weights, buffers, gradients and AdamW moments of student, teacher and training-only heads; "
+              "images/s counts source + target images; host syncs: per step (CUDA: torch.cuda.set_sync_debug_mode; "
+              "CPU: counted on the meta device); MFU: "
+              + (f"against a measured matmul rate of {report['matmul_tflops']:.0f} TFLOP/s"
+                 if report.get("matmul_tflops") else "n/a on CPU") + ".")
     lines += ["", legend, "",
               f"| exported model (inference, 1x3x{s['crop_size']}x{2 * s['crop_size']}) | parameters | forward ms |",
               "|---|---|---|"]

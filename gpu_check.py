@@ -27,18 +27,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 import bench
-import data
 import train
 
 ROOT = Path(__file__).resolve().parent
 FULL = dict(crop=512, hrda_crop=1024, bench_backbones=("resnet101-v1c", "mit_b5"), reps=6, warmup=3, iters=200,
-            gta=(1914, 1052), cityscapes=(2048, 1024), images=16, loader_n=32, compile_backbone="resnet101-v1c",
+            gta=(1914, 1052), cityscapes=(2048, 1024), images=32, compile_backbone="resnet101-v1c",
             compile_backend="inductor", device="cuda", dtype="bf16")
 TINY = dict(crop=32, hrda_crop=64, bench_backbones=("resnet18", "mit_b0"), reps=1, warmup=0, iters=4,
-            gta=(96, 54), cityscapes=(128, 64), images=2, loader_n=2, compile_backbone="resnet18",
+            gta=(96, 54), cityscapes=(128, 64), images=4, compile_backbone="resnet18",
             compile_backend="eager", device="cpu", dtype="fp32")  # inductor's C++ build is too slow for CI's CPU
 
 
@@ -47,25 +45,17 @@ TOY_EFFECT = ("--backbone mit_b0 --crop-size 256 --resize-scale 4 --iters 2000 -
 
 
 def write_tree(root, s):
-    """GTA (images + palette labels) and Cityscapes (train/val, two cities) in their official layouts, at the
-    real sizes (or --tiny ones); smooth noise compresses and decodes like photographs."""
-    rng, ids = np.random.default_rng(0), np.array(list(data.CITYSCAPES_ID_TO_TRAINID), np.uint8)
-
-    def pair(image_path, label_path, size, palette):
-        for path in (image_path, label_path):
-            path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (17, 30, 3), np.uint8)).resize(size, Image.BILINEAR).save(image_path)
-        label = Image.fromarray(rng.choice(ids, (17, 30))).resize(size, Image.NEAREST)
-        if palette:
-            label.putpalette(np.array(data.PALETTE, np.uint8).ravel().tolist())
-        label.save(label_path)
+    """GTA and Cityscapes (train/val, two cities) in their official layouts, at the real sizes (or --tiny ones)."""
+    rng = np.random.default_rng(0)
     for i in range(1, s["images"] + 1):
-        pair(root / f"gta/images/{i:05d}.png", root / f"gta/labels/{i:05d}.png", s["gta"], True)
+        bench.write_pair(root / f"gta/images/{i:05d}.png", root / f"gta/labels/{i:05d}.png", s["gta"], rng)
     for split, n in (("train", s["images"]), ("val", 2)):
         for i in range(n):
-            stem = f"{('aachen', 'bonn')[i % 2]}/{('aachen', 'bonn')[i % 2]}_{i:06d}_000019"
-            pair(root / f"cityscapes/leftImg8bit/{split}/{stem}_leftImg8bit.png",
-                 root / f"cityscapes/gtFine/{split}/{stem}_gtFine_labelIds.png", s["cityscapes"], False)
+            city = ("aachen", "bonn")[i % 2]
+            stem = f"{city}/{city}_{i:06d}_000019"
+            bench.write_pair(root / f"cityscapes/leftImg8bit/{split}/{stem}_leftImg8bit.png",
+                             root / f"cityscapes/gtFine/{split}/{stem}_gtFine_labelIds.png", s["cityscapes"], rng,
+                             palette=False)
 
 
 def part_tests(s, out):
@@ -109,7 +99,8 @@ def part_train(s, out):
             if (root / "run/log.jsonl").exists() else []
         steps = [r for r in log if "sec_per_iter" in r]
         step_s = steps[-1]["sec_per_iter"] if steps else None
-        loader = bench.bench_loader(4 if s["device"] == "cuda" else 0, s["loader_n"])
+        loader = bench.bench_loader(4 if s["device"] == "cuda" else 0, s["images"], root=root / "data",
+                                    crop_size=s["crop"])
     evaluation = next((r["eval"] for r in log if "eval" in r), None)
     return dict(returncode=res.returncode, command="python train.py " + shlex.join(argv), wall_s=wall,
                 step_s=step_s, step_appetite_images_per_s=4 / step_s if step_s else None,

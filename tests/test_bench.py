@@ -18,6 +18,10 @@ def test_cpu_peak_bytes_is_what_the_function_holds_at_once():
         del a, b
         return torch.ones(250_000)  # 1 MB, after both were freed
     assert bench.cpu_peak_bytes(fn) == 6_000_000
+    kept = []  # what an earlier measured call still holds does not count in the next one (gpu_check measures many)
+    bench.cpu_peak_bytes(lambda: kept.append(torch.ones(25_000_000)))
+    older.append(torch.ones(2_000_000))
+    assert bench.cpu_peak_bytes(fn) == 6_000_000
 
 
 @pytest.mark.parametrize("backbone", ["resnet18", "mit_b0"])
