@@ -1,51 +1,17 @@
 """The comparison auxiliaries (MIC, class-wise masked image modeling) and the DAFormer extras (METHOD.md §4, §6).
 
-Every auxiliary uses the pseudo-labels `pl` (B, H, W) and confidence weight `w` (scalar q or (B, H, W)) of the
-training loop, returns one unweighted loss term, and is scaled by its λ in the caller, as mfm.mfm_loss:
+Each auxiliary takes the training loop's pseudo-labels `pl` (B, H, W) and confidence weight `w` (scalar q or
+(B, H, W)), returns one unweighted loss term, and is scaled by its λ in the caller, as mfm.mfm_loss is; train.py's
+AUXILIARIES table says how the loop calls each.
 
-    mic_loss(student, x_tgt, pl, w, block=32, ratio=0.7, augment=data.strong_augment, return_mask=False)
-        -> loss, or (loss, keep (B, 1, H, W), 1 = visible pixel)
-    cmim_loss(student, head, x_tgt, pl, w, patch=16, ratio=0.5, lambda_agg=0.1, max_classes=3,
-              return_parts=False)            -> loss, or (loss, dict of per-(image, class) terms)
-    ClassWiseReconstructor(in_channels, stride=8, hidden=256)    the light pixel head cmim_loss trains
-    feature_distance_loss(feats_src, feats_imagenet, y_src, thing_classes=THING_CLASSES, ratio=0.75)
-        -> mean L2 distance over feature cells dominated (>= ratio) by a thing class; λ = LAMBDA_FD
-    pseudo_label_crop(w, pl, top=15, bottom=120, reference=512)  -> per-pixel weight (B, H, W)
-    random_block_mask(batch, height, width, block, ratio, device) -> keep (B, 1, H, W), 1 = visible
-    AUX: how train.py sets each auxiliary up (module to build, optimizer group, call).
+    mic_loss(student, x_tgt, pl, w, block=32, ratio=0.7)        MIC: CE on the block-masked, augmented target
+    cmim_loss(student, head, x_tgt, pl, w)                      class-wise MIM, our reading of S4MIM (see there)
+    ClassWiseReconstructor(in_channels, stride=8)               the light pixel head cmim_loss trains
+    feature_distance_loss(f_student, f_imagenet, y_src)         DAFormer's ImageNet feature distance, λ LAMBDA_FD
+    pseudo_label_crop(w, pl)                                    DAFormer's pseudo-label crop (HRDA's side margins)
 
-MIC (Hoyer et al. 2023): the student sees the colour-augmented target crop with 70% of its 32-px blocks
-masked and must still predict the teacher's pseudo-labels of the unmasked crop. Masked pixels take the
-ImageNet mean colour: MIC multiplies the *normalised* image by the mask, i.e. masked pixels are 0 after
-normalisation, which is the mean colour in our [0, 1] inputs (models.DeepLabV2 normalises inside encode).
-
-CMIM, our reading of S4MIM (arXiv 2411.08756; only the abstract is known). What the abstract says: masked
-regions are reconstructed per class from visible pixels of the same class only, and a feature-aggregation
-loss pulls masked and visible features of one class together. Everything else is our interpretation:
-  - classes come from the teacher's pseudo-labels (the paper is semi-supervised; we have no target labels);
-  - in the semi-supervised setting (train.py --labeled) too: CMIM runs on the unlabelled batch with the
-    teacher's pseudo-labels, and the labelled batch's ground truth is not used for it, so the auxiliary is the
-    same in both settings and costs the same (the abstract does not say which S4MIM does);
-  - the mask is random_block_mask with 16-px patches, ratio 0.5; for each (image, class) pair the input is
-    the image with only the visible pixels of that class kept, the rest filled like MIC; the pairs are
-    stacked along the batch (one encoder pass), at most `max_classes` random classes per image (cost);
-  - the reconstruction target is the RGB image in [0, 1]; loss L1 (SimMIM), averaged over the masked pixels
-    of the class, times the confidence weight; pairs are averaged;
-  - the head is a 1x1 conv -> GELU -> 1x1 conv to 3*s*s channels -> pixel shuffle (SimMIM-like), s = the
-    encoder's output stride;
-  - feature aggregation: in the class-c pass, the encoder feature pooled over c's masked pixels is pulled
-    toward the one pooled over c's visible pixels (1 - cosine; the visible prototype is detached, so the
-    masked part moves toward the visible one), weighted λ_agg = 0.1 and by the class's mean confidence;
-  - "masked modeling in semantic space" (the abstract's third part) is not implemented here: MIC's masked
-    CE and MFM itself are the semantic-space variants this project compares.
-  Independence of classes holds exactly when the encoder treats samples separately (eval-mode BatchNorm or
-  no BatchNorm); in train mode the stacked class images share batch statistics, as any batch does, and
-  they move the BatchNorm running statistics the evaluated student uses (so do MIC's masked images).
-
-DAFormer extras. Feature distance: the frozen ImageNet copy is made once, before training, from the
-pretrained student: `imagenet = copy.deepcopy(student).eval().requires_grad_(False)` (rebuilt from
---pretrained on resume, never EMA-updated); its features `imagenet.encode(x_src)` under no_grad. Pseudo-label
-crop: DAFormer zeroes rows 0-14 and the last 120 rows of 512 crops (rectification border, ego-car hood).
+The frozen ImageNet copy of the feature distance is made once, before training, from the pretrained student
+(train.build_run) and never EMA-updated; DAFormer's pseudo-label crop zeroes rows 0-14 and the last 120 of 512 crops.
 """
 import torch
 import torch.nn.functional as F
@@ -134,7 +100,24 @@ def cmim_loss(student, head, x_tgt, pseudo_label, weight=1.0, patch=CMIM_PATCH, 
     """L_cmim = mean over (image, class) pairs of [L1 of head(E(x_c)) on c's masked pixels, weighted]
     + lambda_agg * mean over pairs of [1 - cos(masked prototype of c, visible prototype of c)].
 
-    student: has encode(images) -> feats (N, C, h, w) (a list: the last level is used); head: a
+    Our reading of S4MIM (arXiv 2411.08756; only its abstract is known: masked regions are reconstructed per class
+    from visible pixels of the same class only, and a feature-aggregation loss pulls masked and visible features of
+    one class together). Everything else is *choice*:
+      - classes come from the teacher's pseudo-labels, in the semi-supervised setting too (train.py --labeled: the
+        unlabelled batch; the labelled batch's ground truth is not used), so the auxiliary is the same in both;
+      - random_block_mask with 16-px patches, ratio 0.5; per (image, class) pair the input keeps only the visible
+        pixels of that class, the rest filled like MIC; pairs stacked on the batch (one encoder pass), at most
+        `max_classes` random classes per image (cost);
+      - target: the RGB image in [0, 1]; L1 (SimMIM) averaged over the class's masked pixels, times the confidence
+        weight; pairs averaged. Head: 1x1 conv -> GELU -> 1x1 conv to 3*s*s -> pixel shuffle (s = output stride);
+      - aggregation: the feature pooled over c's masked pixels is pulled toward the one pooled over c's visible
+        pixels (1 - cosine, the visible prototype detached), weight lambda_agg = 0.1 times c's mean confidence;
+      - "masked modeling in semantic space" (the abstract's third part) is left out: MIC's masked CE and MFM are
+        the semantic-space variants this project compares.
+    Classes are independent exactly when the encoder treats samples separately (eval-mode BatchNorm or none); in
+    train mode the stacked class images share batch statistics and move the running statistics (as MIC's do).
+
+    student: a network of models.py (encode, deepest); head: a
     ClassWiseReconstructor; x_tgt (B, 3, H, W) in [0, 1]; pseudo_label (B, H, W) int64 (IGNORE_INDEX pixels
     belong to no class); weight scalar or (B, H, W); max_classes: classes per image (random subset; None = all).
     Returns the loss, or (loss, parts) with return_parts=True: parts["recon"], parts["agg"] (N,) per pair,
@@ -161,8 +144,7 @@ def cmim_loss(student, head, x_tgt, pseudo_label, weight=1.0, patch=CMIM_PATCH, 
     # (1000 at eps 1e-6) and a few dozen in a row overflow float32: the NaN gradients of `--backbone mit_b0
     # --aux cmim` from scratch. ImageNet weights (non-zero biases) do not do this; train.py's gradient check
     # stops or skips such a step before any weight changes.
-    feats = student.encode(mask_image(x_tgt[sample], visible))  # (N, C, h, w): class c's visible pixels only
-    feats = feats[-1] if isinstance(feats, (list, tuple)) else feats
+    feats = student.deepest(student.encode(mask_image(x_tgt[sample], visible)))  # (N, C, h, w): c's visible pixels
     error = (head(feats, (H, W)).float() - x_tgt[sample].float()).abs().mean(1, keepdim=True)  # (N, 1, H, W)
     count = masked.flatten(1).sum(1)
     recon = (error * masked * w).flatten(1).sum(1) / count.clamp(min=1)
@@ -220,14 +202,3 @@ def pseudo_label_crop(weight, pseudo_label, top=CROP_TOP, bottom=CROP_BOTTOM, re
         image_col = x0 + torch.where(flipped > 0, W - 1 - cols, cols)  # (B, W)
         w *= ((image_col >= margin) & (image_col < width - margin)).unsqueeze(1)
     return w
-
-
-# ----------------------------------------------------------------------------- registry for train.py
-# build: the extra module (None or a callable of the encoder's channel count), trained in its own optimizer
-# group at the Rebuilder's LR (choice); loss: one call signature for all, (student, module, x_tgt, pl, w).
-AUX = {
-    "mic": dict(build=None, lambda_default=1.0,  # MIC: λ = 1
-                loss=lambda student, module, x_tgt, pl, w: mic_loss(student, x_tgt, pl, w)),
-    "cmim": dict(build=ClassWiseReconstructor, lambda_default=1.0,  # choice
-                 loss=lambda student, module, x_tgt, pl, w: cmim_loss(student, module, x_tgt, pl, w)),
-}

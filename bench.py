@@ -1,15 +1,16 @@
 """What MFM costs: training step time, memory and FLOPs of source-only, DACS and DACS + MFM, the exported model's
 size and inference time with and without MFM training, and data-loader throughput, measured in one process.
 
-Each mode is built with train.parse_args + train.build_run and timed through train.train_step on random tensors
-of the training shapes, so this times the code train.py runs (data loading excluded; bench_loader measures it
-apart). The paper's claims to check (METHOD.md §3): the Rebuilder exists only during
+Each mode's settings come from train.py's own command line (train_argv -> train.parse_args: presets, crop, mask
+grid, HRDA sizes), and the mode is built with train.build_run and timed through train.train_step on random tensors
+of the training shapes, so this times the step train.py runs with the same flags (data loading excluded;
+bench_loader measures it apart). The paper's claims to check (METHOD.md §3): the Rebuilder exists only during
 training, so the exported network has the same parameters and inference time; our goals for the training
 overhead: DACS + MFM step <= 1.5x DACS and peak memory <= 1.15x DACS.
 
-    python bench.py                              # CPU: resnet18, 64 px crops, batch 2 + 2, fp32; about a minute
-    python bench.py --backbone resnet101 --crop-size 512 --reps 2 --warmup 1 --no-loader  # paper shapes, CPU: ~10 min
-    python bench.py --backbone mit_b5 --crop-size 512 --reps 1 --warmup 1 --no-loader     # DAFormer MiT-B5, CPU
+    python bench.py                              # CPU: the toy's step (resnet18, 64 px, grid 4), fp32; about a minute
+    python bench.py --preset paper --backbone resnet101 --reps 2 --warmup 1 --no-loader  # paper shapes, CPU: ~10 min
+    python bench.py --preset paper --backbone mit_b5 --reps 1 --warmup 1 --no-loader     # DAFormer MiT-B5, CPU
     python bench.py --device cuda                # GPU: the paper's ResNetV1c-101, 512 crops, batch 2 + 2, bf16
     python bench.py --device cuda --backbone mit_b5   # GPU: MiT-B5 + DAFormer head (the paper's main table)
     python bench.py --device cuda --peak-tflops 756 --json h100pcie.json   # MFU against your GPU's peak
@@ -40,12 +41,23 @@ from tqdm import tqdm
 import data
 import eval as evaluation
 import models
+import runtime
 import train
 
 GOALS = {"step_s": 1.5, "peak_bytes": 1.15}  # DACS + MFM / DACS, the issue's targets
-CUDA_DEFAULTS = dict(backbone="resnet101-v1c", crop_size=512, dtype="bf16", reps=20, warmup=5, loader_n=32,
-                     loader_workers=4)
-CPU_DEFAULTS = dict(backbone="resnet18", crop_size=64, dtype="fp32", reps=20, warmup=5, loader_n=8, loader_workers=0)
+PAIRS = {"toy": ["--source", "toy-day", "--target", "toy-night"], "paper": ["--source", "gta", "--target", "cityscapes"]}
+CUDA_DEFAULTS = dict(preset="paper", reps=20, warmup=5, loader_n=32, loader_workers=4)
+CPU_DEFAULTS = dict(preset="toy", reps=20, warmup=5, loader_n=8, loader_workers=0)
+
+
+def train_argv(preset, *extra, **flags):
+    """A train.py command line: the preset's pair ("toy": toy-day -> toy-night, "paper": gta -> cityscapes; their
+    defaults are train.TOY and train.PAPER), from-scratch weights, `flags` as --name value (None: left to train.py),
+    then `extra` as given."""
+    argv = [*PAIRS[preset], "--pretrained", "none"]
+    for key, value in flags.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)] if value is not None else []
+    return argv + list(extra)
 
 
 def parse_args(argv=None):
@@ -55,16 +67,18 @@ def parse_args(argv=None):
         return f"(default: {CUDA_DEFAULTS[key]} on CUDA, {CPU_DEFAULTS[key]} on CPU)"
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda or cpu (default: cuda when PyTorch sees a GPU)")
-    p.add_argument("--backbone", choices=models.BACKBONES, help=f"ResNet (DeepLabV2) or MiT (DAFormer head) "
-                   f"{default('backbone')}")
-    p.add_argument("--crop-size", type=int, help=f"square training crop; inference runs on crop x 2*crop, the "
-                   f"Cityscapes aspect (512 -> 512x1024, the paper's eval size) {default('crop_size')}")
+    p.add_argument("--preset", choices=PAIRS, help="whose train.py defaults (backbone, crop, mask grid) the step "
+                   f"takes: the toy pair's or the paper's (gta -> cityscapes) {default('preset')}")
+    p.add_argument("--backbone", choices=models.BACKBONES, help="ResNet (DeepLabV2) or MiT (DAFormer head) "
+                   "(default: the preset's)")
+    p.add_argument("--crop-size", type=int, help="square training crop (default: the preset's, as train.py: 2x with "
+                   "--hrda); inference runs on crop x 2*crop, the Cityscapes aspect (512 -> 512x1024)")
     p.add_argument("--batch-size", type=int, default=2, help="source images and target images per step (default: 2)")
-    p.add_argument("--dtype", choices=evaluation.DTYPES, help=f"autocast dtype {default('dtype')}")
+    p.add_argument("--dtype", choices=evaluation.DTYPES, help="autocast dtype (default: train.py's, bf16 on CUDA, "
+                   "fp32 on CPU)")
     p.add_argument("--reps", type=int, help=f"timed repetitions per mode; median and min reported {default('reps')}")
     p.add_argument("--warmup", type=int, help=f"untimed iterations before timing {default('warmup')}")
-    p.add_argument("--mfm-grid", type=int, help="Rebuilder grid g (default: crop/32: the paper's g=16 at 512; 4g = "
-                   "the DeepLabV2 feature size, g = MiT's last stage)")
+    p.add_argument("--mfm-grid", type=int, help="Rebuilder grid g (default: train.py's for these flags)")
     p.add_argument("--aux", nargs="+", default=[], choices=["mic", "cmim", "mfm,mic"],
                    help="also time DACS + each auxiliary (train.py --aux NAME), e.g. --aux mic cmim")
     p.add_argument("--also-fp32", action="store_true", help="also time DACS + MFM without autocast (fp32, TF32)")
@@ -79,15 +93,23 @@ def parse_args(argv=None):
     p.add_argument("--loader-workers", type=int, help=f"DataLoader workers compared with 0 {default('loader_workers')}")
     p.add_argument("--json", default="bench.json", help="where to write the results (default: bench.json)")
     args = p.parse_args(argv)
-    crop_given = args.crop_size is not None
     for key, value in (CUDA_DEFAULTS if args.device.startswith("cuda") else CPU_DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.crop_size *= 1 + (args.hrda and not crop_given)
-    args.mfm_grid = args.mfm_grid or max(1, args.crop_size // (64 if args.hrda else 32))  # HRDA: of a 512 view
     if args.reps < 1 or args.warmup < 0:
         p.error("--reps must be >= 1 and --warmup >= 0")
+    args.argv = sys.argv[1:] if argv is None else list(argv)
+    resolved = mode_args(args, [])  # the settings train.py resolves for these flags, shown in the table
+    for key in ("backbone", "crop_size", "mfm_grid", "dtype"):
+        setattr(args, key, getattr(resolved, key))
     return args
+
+
+def mode_args(args, extra):
+    """train.py's resolved settings for one mode (`extra`: its flags, e.g. --no-mfm) of this benchmark."""
+    return train.parse_args(train_argv(args.preset, *["--recipe", "hrda"] * args.hrda, *extra, backbone=args.backbone,
+                                       crop_size=args.crop_size, batch_size=args.batch_size, mfm_grid=args.mfm_grid,
+                                       device=args.device, dtype=args.dtype))
 
 
 def timed(fn, device):
@@ -132,67 +154,36 @@ def fresh_memory(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
-class HostSyncCounter(TorchDispatchMode):
-    """Counts the ops of a step that make the host wait for the GPU: reading values (item, tolist, bool), copies
-    between host and device (torch.tensor(..., device=cuda) included), and data-dependent shapes (nonzero,
-    unique, boolean masks: raised, as they cannot run without data). Meant for a step on the meta device, where
-    tensors have shapes but no data, so a CPU-only machine sees what CUDA would wait for: a host-device copy is
-    a cpu<->meta copy, a read of a meta value is answered with zeros. counts: {what: how many}."""
-    DATA_DEPENDENT = {"nonzero", "_unique2", "unique_dim", "unique_consecutive", "masked_select", "argwhere"}
+class MetaReads(TorchDispatchMode):
+    """Lets a training step run on the meta device (tensors with shapes, no data: FLOPs of MiT-B5 HRDA in seconds,
+    no memory): a read of a meta value (item, tolist) or a copy of one to the host is answered with zeros.
+    event(what) hears each such read and each host<->device copy (the tests count host syncs with it)."""
 
-    def __init__(self):
-        super().__init__()
-        self.counts = {}
-
-    def count(self, what):
-        self.counts[what] = self.counts.get(what, 0) + 1
-
-    def __enter__(self):
-        self.factories = torch.tensor, torch.as_tensor
-        for name, factory in zip(("tensor", "as_tensor"), self.factories):
-            setattr(torch, name, self.counted_factory(factory))
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        torch.tensor, torch.as_tensor = self.factories
-        return super().__exit__(*exc)
-
-    def counted_factory(self, factory):
-        def make(data, *args, device=None, **kwargs):  # host data copied to a device, which waits for its queue
-            on_device = torch.is_tensor(data) and data.device == torch.device(device or data.device)
-            if device is not None and torch.device(device).type != "cpu" and not on_device:
-                self.count(f"torch.{factory.__name__} to {torch.device(device).type}")
-            return factory(data, *args, device=device, **kwargs)
-        return make
+    def event(self, what):
+        pass
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs, name = kwargs or {}, func.overloadpacket.__name__
-        devices = [a.device.type for a in args if torch.is_tensor(a)]
-        if name in self.DATA_DEPENDENT or (name == "index" and any(
-                torch.is_tensor(i) and i.dtype == torch.bool for i in args[1] if i is not None)):
-            if devices and devices[0] != "cpu":
-                raise RuntimeError(f"aten.{name} on a {devices[0]} tensor: its output shape depends on the data, "
-                                   "a host sync on CUDA")
-        if name == "_local_scalar_dense" and devices[0] != "cpu":
-            self.count("read a value (item/float/bool)")
+        if name == "_local_scalar_dense" and args[0].device.type != "cpu":
+            self.event("read a value (item/float/bool)")
             return 0
         if name in ("_to_copy", "copy_"):
             src, dst = (args[1].device, args[0].device) if name == "copy_" else (
                 args[0].device, torch.device(kwargs.get("device") or args[0].device))
             if src.type != dst.type:
-                self.count(f"copy {src.type}->{dst.type}")
+                self.event(f"copy {src.type}->{dst.type}")
                 if dst.type == "cpu":  # the host reads the result: zeros stand in for the data
                     return torch.zeros(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype)
         return func(*args, **kwargs)
 
 
 def prepared_step(targs):
-    """train.build_run for parsed train.py flags, random tensors of the training shapes (channels_last on CUDA, as
-    train.py's loop) -> (run, step, counter): step() runs the next train.train_step, counter counts them."""
+    """train.build_run for parsed train.py flags, random tensors of the training shapes (in train.py's memory
+    layout) -> (run, step, counter): step() runs the next train.train_step, counter counts them."""
     device, b, c, k = torch.device(targs.device), targs.batch_size, targs.crop_size, data.SegDataset.num_classes
-    train.set_seed(0)
+    runtime.set_seed(0)
     run = train.build_run(targs, k)
-    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    layout = models.memory_format(device)
     x_src, x_tgt = (torch.rand(b, 3, c, c, device=device).contiguous(memory_format=layout) for _ in range(2))
     y_src, steps = torch.randint(0, k, (b, c, c), device=device), itertools.count()
 
@@ -201,21 +192,11 @@ def prepared_step(targs):
     return run, step, steps
 
 
-def meta_step(train_argv):
-    """prepared_step of `train.py train_argv` on the meta device: shapes, no data, no GPU."""
-    targs = train.parse_args([*train_argv, "--device", "cpu", "--dtype", "fp32"])
-    targs.device = "meta"
+def meta_step(targs):
+    """prepared_step of parsed train.py flags on the meta device, fp32: shapes, no data, no GPU (run it under
+    MetaReads)."""
+    targs = argparse.Namespace(**dict(vars(targs), device="meta", dtype="fp32"))
     return prepared_step(targs)
-
-
-def meta_step_syncs(train_argv, steps=2):
-    """Host syncs per training step of `train.py train_argv`, counted on the meta device (no data, no GPU):
-    {what: count per step}. The data arrive as the loop's pinned, non-blocking copies do (not counted)."""
-    _, step, _ = meta_step(train_argv)
-    with HostSyncCounter() as counter:
-        for _ in range(steps):
-            step()
-    return {k: v / steps for k, v in counter.counts.items()}
 
 
 def flops_only(args, modes):
@@ -223,10 +204,10 @@ def flops_only(args, modes):
     the meta device: no data, no timing, seconds even for MiT-B5 HRDA at 1024. Returns a markdown table."""
     rows, student = {}, None
     for name, extra in modes:
-        run, step, _ = meta_step(train_argv(args, extra))
-        with HostSyncCounter(), count_flops() as counter:
+        run, step, _ = meta_step(mode_args(args, extra))
+        with MetaReads(), count_flops() as counter:
             step()
-        rows[name], student = counter.get_total_flops(), run["student"]
+        rows[name], student = counter.get_total_flops(), run.student
     with count_flops() as counter, torch.no_grad():
         student.eval()(torch.zeros(1, 3, args.crop_size, 2 * args.crop_size, device="meta"))
     command = shlex.join(["python", "bench.py", *args.argv])
@@ -253,10 +234,10 @@ def cuda_step_syncs(step):
 def state_bytes(run, grads=True):
     """Bytes of the persistent training state: weights, buffers, AdamW moments and (with grads) gradients of
     student, teacher and the training-only heads (exact on any device; activations are not included)."""
-    modules = [run[k] for k in ("student", "teacher", *train.TRAINED_AUX_MODULES) if run[k] is not None]
+    modules = [m for m in (run.student, run.teacher, *run.heads.values()) if m is not None]
     tensors = [t for m in modules for t in itertools.chain(m.parameters(), m.buffers())]
     tensors += [p.grad for m in modules for p in m.parameters() if grads and p.grad is not None]
-    tensors += [v for s in run["optimizer"].state.values() for v in s.values() if torch.is_tensor(v)]
+    tensors += [v for s in run.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
     return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
@@ -286,23 +267,14 @@ def cpu_peak_bytes(fn):
     return peak
 
 
-def train_argv(args, extra):
-    """train.py's flags for one mode of the benchmark."""
-    return ["--source", "gta", "--target", "cityscapes", "--pretrained", "none", "--backbone", args.backbone,
-            "--crop-size", str(args.crop_size), "--batch-size", str(args.batch_size), "--mfm-grid", str(args.mfm_grid),
-            *["--recipe", "hrda"] * args.hrda, *extra]
-
-
 def bench_training(name, extra, args, device, export_dir):
     """Time train.train_step for one mode; export the student as train.py does -> (result dict, model.pt path)."""
-    targs_argv = train_argv(args, extra)
-    targs = train.parse_args(["--device", args.device, "--dtype", args.dtype, *targs_argv])  # extra may set dtype
+    targs = mode_args(args, extra)
     fresh_memory(device)
     run, step, steps = prepared_step(targs)
     result = repeat(step, device, args.warmup, args.reps)
     result["state_bytes"] = state_bytes(run)
-    result["host_syncs"] = cuda_step_syncs(step) if device.type == "cuda" else sum(meta_step_syncs(
-        targs_argv).values())
+    result["host_syncs"] = cuda_step_syncs(step) if device.type == "cuda" else None  # CPU: tests/test_cuda_path.py
     with count_flops() as counter:  # one more step, after timing: the counters slow it down
         if device.type == "cuda":  # reset after warm-up: cuDNN's autotuning workspaces are not the step's
             torch.cuda.reset_peak_memory_stats(device)
@@ -314,7 +286,7 @@ def bench_training(name, extra, args, device, export_dir):
     result["images_per_s"] = 2 * args.batch_size / result["median_s"]  # source + target images
     result["hours_40k"] = 40_000 * result["median_s"] / 3600  # the paper's schedule
     path = Path(export_dir) / f"{name.replace('+', '-')}.pt"
-    models.atomic_save(train.export(run, targs, next(steps)), path)
+    models.atomic_save(runtime.export(run, targs, next(steps)), path)
     return result, path
 
 
@@ -322,24 +294,24 @@ def bench_training(name, extra, args, device, export_dir):
 def bench_inference(paths, args, device):
     """Load each exported model.pt as eval.py's users do; time one forward of a (1, 3, crop, 2*crop) image,
     the models taking turns so that a change in machine load hits them alike. paths: {label: path}."""
-    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # as eval.py
-    nets = {label: models.model_from_checkpoint(path, device)[0].to(memory_format=layout)
-            for label, path in paths.items()}
+    layout = models.memory_format(device)  # as eval.py
+    loaded = {label: runtime.model_from_checkpoint(path, device)[0].to(memory_format=layout)
+              for label, path in paths.items()}
     x = torch.rand(1, 3, args.crop_size, 2 * args.crop_size, device=device).contiguous(memory_format=layout)
     autocast = evaluation.autocast(device, args.dtype)
 
-    def forward(net):
+    def forward(model):
         with autocast:
-            net(x)
-    for net in itertools.chain.from_iterable(itertools.repeat(list(nets.values()), args.warmup)):
-        forward(net)
-    times = {label: [] for label in nets}
+            model(x)
+    for model in itertools.chain.from_iterable(itertools.repeat(list(loaded.values()), args.warmup)):
+        forward(model)
+    times = {label: [] for label in loaded}
     for _ in range(args.reps):
-        for label, net in nets.items():
-            times[label].append(timed(lambda net=net: forward(net), device))
+        for label, model in loaded.items():
+            times[label].append(timed(lambda model=model: forward(model), device))
     return {label: dict(median_s=statistics.median(t), min_s=min(t), times_s=t,
-                        params=models.count_parameters(nets[label]),
-                        shapes={k: list(v.shape) for k, v in nets[label].state_dict().items()})
+                        params=models.count_parameters(loaded[label]),
+                        shapes={k: list(v.shape) for k, v in loaded[label].state_dict().items()})
             for label, t in times.items()}
 
 
@@ -395,7 +367,7 @@ def matmul_flops_per_s(args, device):
         return args.peak_tflops * 1e12
     if device.type != "cuda":
         return None
-    train.set_seed(0)
+    runtime.set_seed(0)
     a, b = (torch.randn(8192, 8192, device=device, dtype=evaluation.DTYPES[args.dtype] or torch.float32)
             for _ in range(2))
     return 2 * 8192 ** 3 / repeat(lambda: a @ b, device, 3, 10)["median_s"]
@@ -420,13 +392,13 @@ def markdown(report):
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"
         lines.append(f"| {name} | {1000 * r['median_s']:.1f} ({1000 * r['min_s']:.1f}) | {ratio(r, 'median_s')} | "
                      f"{r['images_per_s']:.1f} | {r['flops'] / 1e9:,.1f} | {mfu} | {mib(r['peak_bytes'])} | "
-                     f"{ratio(r, 'peak_bytes')} | {mib(r['state_bytes'])} | {r['host_syncs']:g} | "
+                     f"{ratio(r, 'peak_bytes')} | {mib(r['state_bytes'])} | {r['host_syncs'] if r['host_syncs'] is not None else 'n/a'} | "
                      f"{r['hours_40k']:.1f} h |")
     legend = ("peak MiB: the most memory a training step holds (CUDA: torch.cuda.max_memory_allocated; CPU: the "
               "state it keeps plus the most its own allocations hold at once, from the profiler's records); state "
               "MiB: weights, buffers, gradients and AdamW moments of student, teacher and training-only heads; "
               "images/s counts source + target images; host syncs: per step (CUDA: torch.cuda.set_sync_debug_mode; "
-              "CPU: counted on the meta device); MFU: "
+              "CPU: n/a here, counted by tests/test_cuda_path.py on the meta device); MFU: "
               + (f"against a measured matmul rate of {report['matmul_tflops']:.0f} TFLOP/s"
                  if report.get("matmul_tflops") else "n/a on CPU") + ".")
     lines += ["", legend, "",
@@ -447,20 +419,18 @@ def markdown(report):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     device = torch.device(args.device)
     modes = [("source-only", ["--source-only"]), ("dacs", ["--no-mfm"]), ("dacs+mfm", [])]
     modes += [("dacs+mfm fp32", ["--dtype", "fp32"])] * args.also_fp32
     modes += [(f"dacs+{aux}", ["--aux", aux]) for aux in args.aux if aux != "mfm"]
     if args.flops_only:
-        args.argv = argv
         table = flops_only(args, modes)
         print(table)
         return table
     report = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda"
                   else f"{cpu_name()} ({torch.get_num_threads()} threads)",
-                  torch=torch.__version__, command=shlex.join(["python", "bench.py", *argv]), settings=vars(args),
+                  torch=torch.__version__, command=shlex.join(["python", "bench.py", *args.argv]), settings=vars(args),
                   modes={}, inference={})
     peak = matmul_flops_per_s(args, device)
     report["matmul_tflops"] = peak / 1e12 if peak else None

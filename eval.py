@@ -14,7 +14,6 @@ occur (in the labels or the predictions). SYNTHIA-trained models are also scored
 import argparse
 import contextlib
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from tqdm import tqdm
 
 import data
 import models
+import runtime
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}  # --dtype -> autocast dtype
@@ -36,16 +36,6 @@ def autocast(device, dtype):
     """Mixed precision as --dtype asks ('bf16', 'fp16' or 'fp32' = none) on `device`."""
     device = torch.device(device)
     return contextlib.nullcontext() if DTYPES[dtype] is None else torch.autocast(device.type, DTYPES[dtype])
-
-
-def finite(value):
-    """A JSON-ready copy of nested dicts/lists with NaN/inf replaced by None (strict JSON: jq and JavaScript
-    reject NaN); e.g. the IoU of a class absent from labels and predictions."""
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite(v) for v in value]
-    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def confusion_matrix(label, pred, num_classes):
@@ -126,8 +116,7 @@ def evaluate(model, dataset, device="cpu", dtype=None, source=None, save_pred=No
     for image, label, name in tqdm(loader, desc=f"eval {dataset.name} {dataset.split}", disable=not progress,
                                    leave=False):
         image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)
-        if str(device).startswith("cuda"):  # cuDNN's fast convolutions want NHWC (the model is converted below)
-            image = image.contiguous(memory_format=torch.channels_last)
+        image = image.contiguous(memory_format=models.memory_format(device))  # as the model (main)
         with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None):
             logits = model(image)
         pred = models.upsample(logits.float(), label.shape[-2:]).argmax(1)
@@ -171,9 +160,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise data.DatasetError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu.")
-    model, ckpt = models.model_from_checkpoint(args.ckpt, args.device)
-    if args.device.startswith("cuda"):
-        model = model.to(memory_format=torch.channels_last)
+    model, ckpt = runtime.model_from_checkpoint(args.ckpt, args.device)
+    model = model.to(memory_format=models.memory_format(args.device))
     scale = ckpt.get("config", {}).get("resize_scale", 1.0)  # the training resolution (HRDA: 2x, 2048x1024)
     dataset = data.build_dataset(args.target, args.data_root, args.split, train=False,
                                  resize=tuple(round(v * scale) for v in data.RESIZE[args.target]))
@@ -187,7 +175,7 @@ def main(argv=None):
     print(format_table(result))
     out = Path(args.out) if args.out else Path(args.ckpt).parent
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(finite(result), indent=2, allow_nan=False))
+    (out / "metrics.json").write_text(json.dumps(runtime.json_safe(result), indent=2, allow_nan=False))
     print(f"wrote {out / 'metrics.json'}" + (f" and predictions under {args.save_pred}" if args.save_pred else ""))
 
 

@@ -11,13 +11,14 @@ larger than the crop are cut into windows of the crop size at stride crop/2, who
 
     net   = models.build_model(19, "mit_b5", pretrained="mit_b5.pth")        # any network of models.py
     model = HRDA(net, crop_size=1024)                                         # or build_model(19, "mit_b5", hrda={})
-    out   = model.decode(model.encode(x))          # HRDAOutput(fused (B, K, 256, 256), hr (B, K, 128, 128), box)
+    out   = model.decode(model.encode(x))          # HRDAOutput(fused (B, K, 256, 256), detail (B, K, 128, 128), box)
     loss  = model.seg_loss(out, label, weight)     # label (B, 1024, 1024)
     logits = model(x_val)                          # sliding inference; (B, K, H, W) for images larger than the crop
-    loss_mfm = mfm.mfm_loss(model.decode, PerView(rebuilder), model.encode(x_tgt), pl, q, loss_fn=model.seg_loss)
+    rebuild = functools.partial(model.rebuild, rebuilder)          # MFM: one Rebuilder on both views (§4.2)
+    loss_mfm = mfm.mfm_loss(model.decode, rebuild, model.encode(x_tgt), pl, q, loss_fn=model.seg_loss)
 
 MIC on HRDA needs nothing here: mask the full crop once, then encode/decode/seg_loss as above (HRDA.md §3).
-For MFM, one Rebuilder serves both 512-px views (grid = crop * 0.5 // 32 = 16 at 1024) through `PerView` (§4.2).
+For MFM, one Rebuilder serves both 512-px views (grid = crop * 0.5 // 32 = 16 at 1024), two calls, two masks.
 """
 from typing import NamedTuple
 
@@ -30,19 +31,19 @@ from models import upsample
 
 
 class HRDAFeatures(NamedTuple):
-    """encode's output. lr: context features (as net.encode of the x0.5 crop); hr: detail features; box:
-    (y0, x0, h, w) of the detail crop in full-resolution pixels, shared by the batch (training), or, for
-    inference, a list of such boxes, hr then stacking one crop per box on the batch axis (box-major)."""
-    lr: object
-    hr: object
+    """encode's output. context: features of the context view (net.encode of the x0.5 crop); detail: of the
+    detail crop; box: (y0, x0, h, w) of the detail crop in full-resolution pixels, shared by the batch (training),
+    or, for inference, a list of such boxes, detail then stacking one crop per box on the batch axis (box-major)."""
+    context: object
+    detail: object
     box: object
 
 
 class HRDAOutput(NamedTuple):
     """decode's output. fused: (B, K, H/os, W/os), os = the network's logit stride (DAFormer 4, DeepLabV2 8);
-    hr: the detail logits (B, K, h/os, w/os); box: as in HRDAFeatures."""
+    detail: the detail logits (B, K, h/os, w/os); box: as in HRDAFeatures."""
     fused: torch.Tensor
-    hr: torch.Tensor
+    detail: torch.Tensor
     box: object
 
 
@@ -100,23 +101,25 @@ def average_tiles(tiles, offsets, size, batch):
 
 class HRDA(nn.Module):
     """Wraps `net` (models.DeepLabV2 or models.DAFormer) behind the same face: encode, decode, seg_loss,
-    forward (sliding inference), param_groups, config, feat_channels, feat_stride.
+    forward (sliding inference), rebuild, deepest, compile_encode_decode, param_groups, config, feat_channels,
+    feat_stride.
 
     crop_size: the training crop (int or (h, w)); inference windows have this size. scale: context resize
     (HRDA 0.5). detail: detail-crop size relative to the input (0.5: 512 of 1024). divisible: detail offsets
-    are multiples of it (8). hr_loss_weight: the detail loss weight (0.1); the fused loss gets the rest."""
+    are multiples of it (8). detail_loss_weight: the detail loss weight (0.1); the fused loss gets the rest."""
 
-    def __init__(self, net, crop_size=1024, scale=0.5, detail=0.5, divisible=8, hr_loss_weight=0.1):
+    def __init__(self, net, crop_size=1024, scale=0.5, detail=0.5, divisible=8, detail_loss_weight=0.1):
         super().__init__()
         self.net = net
         self.attention = AttentionHead(net.feat_channels, net.config["num_classes"])
         self.crop_size = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
-        self.scale, self.detail, self.divisible, self.hr_loss_weight = scale, detail, divisible, hr_loss_weight
+        self.scale, self.detail, self.divisible = scale, detail, divisible
+        self.detail_loss_weight = detail_loss_weight
         self.config = dict(net.config, hrda=dict(crop_size=crop_size, scale=scale, detail=detail,
-                                                 divisible=divisible, hr_loss_weight=hr_loss_weight))
+                                                 divisible=divisible, detail_loss_weight=detail_loss_weight))
         self.feat_channels, self.feat_stride = net.feat_channels, net.feat_stride
 
-    def context(self, x):
+    def context_view(self, x):
         """(B, 3, H, W) -> (B, 3, H*scale, W*scale), bilinear, align_corners False (= avg_pool2d for x0.5)."""
         size = (int(x.shape[-2] * self.scale), int(x.shape[-1] * self.scale))
         return upsample(x, size)
@@ -130,42 +133,44 @@ class HRDA(nn.Module):
         return y0, x0, h, w
 
     def encode(self, x):
-        """Training views of a crop x (B, 3, H, W) -> HRDAFeatures(lr = net.encode(context), hr = net.encode of
-        the detail crop, box). Two separate encoder calls, as HRDA (BatchNorm statistics per view)."""
+        """Training views of a crop x (B, 3, H, W) -> HRDAFeatures(context = net.encode of the context view,
+        detail = net.encode of the detail crop, box). Two encoder calls, as HRDA (BatchNorm statistics per view)."""
         box = self.detail_box(*x.shape[-2:])
         y0, x0, h, w = box
-        return HRDAFeatures(self.net.encode(self.context(x)), self.net.encode(x[..., y0:y0 + h, x0:x0 + w]), box)
+        return HRDAFeatures(self.net.encode(self.context_view(x)), self.net.encode(x[..., y0:y0 + h, x0:x0 + w]),
+                            box)
 
     def decode(self, feats):
-        """HRDAFeatures -> HRDAOutput (HRDA.md §1.4): lr_seg, hr_seg = net.decode of each view; att =
-        sigmoid(attention(lr)), zeroed outside the box at the context resolution (training only); fused =
-        up(att) * hr_inserted + up((1 - att) * lr_seg) at the crop / os. Inference (a list of boxes): the crops'
-        logits are averaged on the canvas (logit averaging) and the attention is not masked."""
-        lr, hr, box = feats
-        lr_seg, hr_seg = self.net.decode(lr), self.net.decode(hr)
-        att = torch.sigmoid(self.attention(lr))
+        """HRDAFeatures -> HRDAOutput (HRDA.md §1.4): context_seg, detail_seg = net.decode of each view; att =
+        sigmoid(attention(context)), zeroed outside the box at the context resolution (training only); fused =
+        up(att) * detail_inserted + up((1 - att) * context_seg) at the crop / os. Inference (a list of boxes): the
+        crops' logits are averaged on the canvas (logit averaging) and the attention is not masked."""
+        context, detail, box = feats
+        context_seg, detail_seg = self.net.decode(context), self.net.decode(detail)
+        att = torch.sigmoid(self.attention(context))
         boxes = box if isinstance(box, list) else [box]
-        os = boxes[0][2] // hr_seg.shape[-2]  # logit stride: 4 (DAFormer) or 8 (DeepLabV2)
-        size = (round(lr_seg.shape[-2] / self.scale), round(lr_seg.shape[-1] / self.scale))  # the crop / os
-        hr_inserted = average_tiles(hr_seg, [(y // os, x // os) for y, x, _, _ in boxes], size, lr_seg.shape[0])
+        os = boxes[0][2] // detail_seg.shape[-2]  # logit stride: 4 (DAFormer) or 8 (DeepLabV2)
+        size = (round(context_seg.shape[-2] / self.scale), round(context_seg.shape[-1] / self.scale))  # crop / os
+        detail_inserted = average_tiles(detail_seg, [(y // os, x // os) for y, x, _, _ in boxes], size,
+                                        context_seg.shape[0])
         if not isinstance(box, list):
             y0, x0, h, w = box
             r = os / self.scale  # context logit stride; int() truncates as HRDA (inexact for os 8: HRDA.md §1.4)
             keep = att.new_zeros(1, 1, *att.shape[-2:])
             keep[..., int(y0 / r):int((y0 + h) / r), int(x0 / r):int((x0 + w) / r)] = 1
             att = att * keep
-        fused = upsample(att, size) * hr_inserted + upsample((1 - att) * lr_seg, size)
-        return HRDAOutput(fused, hr_seg, box)
+        fused = upsample(att, size) * detail_inserted + upsample((1 - att) * context_seg, size)
+        return HRDAOutput(fused, detail_seg, box)
 
     def seg_loss(self, out, label, weight=1.0):
-        """HRDAOutput, label (B, H, W) int64, weight scalar or (B, H, W) -> (1 - w_hr) CE(up(fused), label,
-        weight) + w_hr CE(up(hr), label and weight cropped to the box) (HRDA.md §1.5; w_hr = 0.1)."""
+        """HRDAOutput, label (B, H, W) int64, weight scalar or (B, H, W) -> (1 - w_d) CE(up(fused), label,
+        weight) + w_d CE(up(detail), label and weight cropped to the box) (HRDA.md §1.5; w_d = 0.1)."""
         y0, x0, h, w = out.box
         crop = (..., slice(y0, y0 + h), slice(x0, x0 + w))
-        hr_weight = weight[crop] if torch.is_tensor(weight) and weight.dim() == label.dim() else weight
+        detail_weight = weight[crop] if torch.is_tensor(weight) and weight.dim() == label.dim() else weight
         loss_fused = weighted_cross_entropy(upsample(out.fused, label.shape[-2:]), label, weight)
-        loss_hr = weighted_cross_entropy(upsample(out.hr, (h, w)), label[crop], hr_weight)
-        return (1 - self.hr_loss_weight) * loss_fused + self.hr_loss_weight * loss_hr
+        loss_detail = weighted_cross_entropy(upsample(out.detail, (h, w)), label[crop], detail_weight)
+        return (1 - self.detail_loss_weight) * loss_fused + self.detail_loss_weight * loss_detail
 
     def infer_window(self, x):
         """Teacher-style inference on windows x (B, 3, h, w) <= the crop -> fused logits (B, K, h/os, w/os):
@@ -175,7 +180,7 @@ class HRDA(nn.Module):
         d = (int(self.crop_size[0] * self.detail), int(self.crop_size[1] * self.detail))
         boxes = slide_boxes((H, W), d, (d[0] // 2, d[1] // 2))
         crops = torch.cat([x[..., y:y + h, x0:x0 + w] for y, x0, h, w in boxes])
-        return self.decode(HRDAFeatures(self.net.encode(self.context(x)), self.net.encode(crops), boxes)).fused
+        return self.decode(HRDAFeatures(self.net.encode(self.context_view(x)), self.net.encode(crops), boxes)).fused
 
     def forward(self, x):
         """Inference, always (teacher pseudo-labels and evaluation), in the caller's train/eval mode.
@@ -196,26 +201,21 @@ class HRDA(nn.Module):
         return self.net.param_groups(lr) + [dict(params=list(self.attention.parameters()), lr=10 * lr,
                                                  name="attention")]
 
+    def rebuild(self, rebuilder, feats):
+        """MFM on HRDA (HRDA.md §4.2): one shared Rebuilder on each view, two calls, two independent masks.
+        HRDAFeatures -> (HRDAFeatures(rebuilt context, rebuilt detail, box), mask of the context call)."""
+        context, mask = self.net.rebuild(rebuilder, feats.context)
+        detail, _ = self.net.rebuild(rebuilder, feats.detail)
+        return HRDAFeatures(context, detail, feats.box), mask
 
-class PerView(nn.Module):
-    """MFM on HRDA (HRDA.md §4.2): one shared Rebuilder applied to both views, two calls, two independent masks.
-    HRDAFeatures -> (HRDAFeatures(rebuilt lr, rebuilt hr, box), mask of the context call)."""
+    def deepest(self, feats):
+        """The deepest map of the context view (HRDA.md §1.6: the feature distance's feature_scale 0.5)."""
+        return self.net.deepest(feats.context)
 
-    def __init__(self, rebuilder):
-        super().__init__()
-        self.rebuilder = rebuilder
-
-    def forward(self, feats):
-        lr, mask = self.rebuilder(feats.lr)
-        hr, _ = self.rebuilder(feats.hr)
-        return HRDAFeatures(lr, hr, feats.box), mask
-
-
-def deepest(feats):
-    """The deepest map of any network's encode output (DAFormer's feature distance uses it): the last MiT stage,
-    the DeepLabV2 map; for HRDA those of the context view (HRDA.md §1.6: feature_scale 0.5)."""
-    feats = feats.lr if isinstance(feats, HRDAFeatures) else feats
-    return feats[-1] if isinstance(feats, (list, tuple)) else feats
+    def compile_encode_decode(self, backend="inductor"):
+        """Compiles the wrapped network's encode/decode, whose input sizes do not change (this wrapper's detail box
+        moves every step: one recompile per offset)."""
+        self.net.compile_encode_decode(backend)
 
 
 def build_model(num_classes=19, backbone="resnet101-v1c", pretrained=None, hrda=None, **kw):

@@ -18,8 +18,9 @@ Both have one face, so the training loop, MFM (Fig. 2) and the auxiliaries never
     logits = model.decode(feats)  # DeepLabV2: (B, K, H/8, W/8); DAFormer: (B, K, H/4, W/4)
     logits = upsample(logits, label.shape[-2:])
 
-`feat_channels` is what mfm.Rebuilder(in_channels=...) takes, `feat_stride` the stride of the last map. Nothing
-here knows about the Rebuilder (mfm.py): it exists only during training.
+`feat_channels` is what mfm.Rebuilder(in_channels=...) takes, `feat_stride` the stride of the last map; `rebuild`,
+`deepest` and `compile_encode_decode` answer what the training loop would otherwise ask of a network's kind (HRDA's
+wrapper, hrda.py, answers them for its two views). From mfm.py only the loss (weighted_cross_entropy) is used.
 
     python models.py                # parameter counts and output shapes of every backbone (meta device, instant)
 """
@@ -83,6 +84,23 @@ class _EncoderDecoder(nn.Module):
 
     def forward(self, x):
         return self.decode(self.encode(x))
+
+    def rebuild(self, rebuilder, feats):
+        """MFM on this network: mfm.Rebuilder (or any such callable) on encode's output -> (rebuilt, mask)."""
+        return rebuilder(feats)
+
+    def deepest(self, feats):
+        """The deepest map of encode's output (DAFormer's feature distance): DeepLabV2's map, MiT's last stage."""
+        return feats[-1] if isinstance(feats, (list, tuple)) else feats
+
+    def compile_encode_decode(self, backend="inductor"):
+        """torch.compile encode and decode in place (train.py --compile)."""
+        self.encode, self.decode = (torch.compile(f, backend=backend) for f in (self.encode, self.decode))
+
+
+def memory_format(device):
+    """channels_last on CUDA (cuDNN's fast convolutions want NHWC), the default layout elsewhere."""
+    return torch.channels_last if torch.device(device).type == "cuda" else torch.contiguous_format
 
 
 # ---------------------------------------------------------------- DeepLabV2 (ResNet)
@@ -373,7 +391,8 @@ def build_model(num_classes=19, backbone="resnet101-v1c", pretrained=None, **kw)
 
 
 # ---------------------------------------------------------------- weights and checkpoints
-def _torch_load(path):
+def read_weights(path):
+    """torch.load(weights_only=True) of a file from elsewhere, or a WeightsError naming it."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist. Pass a torchvision/open-mmlab ResNet or SegFormer "
@@ -385,7 +404,7 @@ def _torch_load(path):
                            "writing?) or not a PyTorch file.") from err
 
 
-def _load_strict(module, state, what, source):
+def load_strict(module, state, what, source):
     """load_state_dict that names missing / unexpected / wrongly shaped keys in a WeightsError. BatchNorm's
     num_batches_tracked may be absent (older files; PyTorch's own loader allows it): the model's value stays."""
     own = module.state_dict()
@@ -429,12 +448,12 @@ def load_pretrained(model, pretrained):
     or encoder weights: torchvision's ResNet state dict, open-mmlab's resnet101_v1c file (under `state_dict`),
     SegFormer's mit_bX.pth (flat; its `head.*` dropped). Encoder files load strictly 1:1 into model.backbone."""
     backbone = model.config["backbone"]
-    state, source = _imagenet_state(backbone) if pretrained == "imagenet" else (_torch_load(pretrained), pretrained)
+    state, source = _imagenet_state(backbone) if pretrained == "imagenet" else (read_weights(pretrained), pretrained)
     source = str(source)
     if not isinstance(state, dict):
         raise WeightsError(f"{source} holds a {type(state).__name__}, expected a state dict.")
     if "model" in state and "model_config" in state:  # our checkpoints
-        _load_strict(model, state["model"], "model (check --backbone and the number of classes)", source)
+        load_strict(model, state["model"], "model (check --backbone and the number of classes)", source)
         return
     for wrapper in ("state_dict", "model"):  # open-mmlab files, some SegFormer re-uploads
         if isinstance(state.get(wrapper), dict):
@@ -449,7 +468,7 @@ def load_pretrained(model, pretrained):
             top, _, rest = key.partition(".")
             ours[f"{rename[top]}.{rest}" if top in rename else key] = value
         state = ours
-    _load_strict(model.backbone, state, f"{backbone} backbone", source)
+    load_strict(model.backbone, state, f"{backbone} backbone", source)
 
 
 def atomic_save(obj, path, keep_previous=False):
@@ -467,28 +486,6 @@ def atomic_save(obj, path, keep_previous=False):
         tmp.unlink(missing_ok=True)
         raise WeightsError(f"could not write {path}: {err}. The previous checkpoint, if any, is intact; free disk "
                           "space or choose another --out, then --resume.") from err
-
-
-def load_checkpoint(path):
-    """Read a model.pt / ckpt.pt written by train.py: a dict with 'model' (state dict) and 'model_config'."""
-    ckpt = _torch_load(path)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
-        raise WeightsError(f"{path} is not a checkpoint written by train.py (expected the keys 'model' and "
-                           "'model_config'; a bare ResNet/MiT state dict belongs in --pretrained).")
-    return ckpt
-
-
-def model_from_checkpoint(path, device="cpu"):
-    """Rebuild the network (either family) described by a train.py checkpoint and load its weights.
-    -> (model in eval mode, checkpoint)"""
-    ckpt = load_checkpoint(path)
-    if "hrda" in ckpt["model_config"]:  # HRDA's wrapper (hrda.py, which imports this file: imported here)
-        import hrda
-        model = hrda.build_model(**ckpt["model_config"])
-    else:
-        model = build_model(**ckpt["model_config"])
-    _load_strict(model, ckpt["model"], "model described by its own model_config", str(path))
-    return model.to(device).eval(), ckpt
 
 
 def count_parameters(module):

@@ -19,17 +19,16 @@ pictures of what the method sees.
 import argparse
 import contextlib
 import copy
-import datetime
-import json
 import math
-import os
 import random
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Callable, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -40,7 +39,9 @@ import data
 import eval as evaluation
 import hrda
 import models
+import runtime
 from mfm import Rebuilder, mfm_loss
+from runtime import ConfigError, NonFiniteLoss
 
 # Defaults that depend on the domain pair: the paper's recipe for the real datasets, a CPU-sized one for the toy.
 # resnet101-v1c: the DeepLabV2 backbone of the DAFormer/MIC code bases the paper's 55.9 comes from (METHOD.md §2).
@@ -48,22 +49,349 @@ PAPER = dict(backbone="resnet101-v1c", pretrained="imagenet", crop_size=512, ite
              lr_rebuilder=2e-4, mfm_grid=16, eval_every=4000, ckpt_every=1000, vis_every=1000, log_every=50)
 TOY = dict(backbone="resnet18", pretrained="none", crop_size=64, iters=300, warmup=30, lr=1e-3,
            lr_rebuilder=1e-3, mfm_grid=4, eval_every=100, ckpt_every=100, vis_every=100, log_every=10)
-AUXILIARIES = ("mfm", "mic", "cmim")  # target-side auxiliary tasks; mic and cmim live in baselines.py
 DAFORMER = dict(rcs=True, fd=True, pl_crop=True, ema=0.999)  # --recipe daformer (METHOD.md §4), and hrda
-RESUMABLE = {"resume", "stop_at", "skip_nonfinite", "eval_every", "ckpt_every", "vis_every", "log_every",
-             "workers", "data_root", "device", "out", "compile"}  # may differ between a run and its --resume
-TRAINED_AUX_MODULES = ("rebuilder", "cmim_head")  # training-only modules: in ckpt.pt, never in model.pt
 STOCHASTIC = (nn.Dropout, nn.Dropout2d, models.DropPath)  # off in the teacher (DAFormer); its BatchNorm trains
 
 
-class ConfigError(Exception):
-    """A flag combination or output folder that cannot work; the message says which and why."""
+# ----------------------------------------------------------------------------- the algorithm, step by step
+def source_loss(student, x_src, y_src):
+    """CE of the student on labelled source crops (HRDA: 0.9 fused + 0.1 detail, its seg_loss).
+    x (B, 3, H, W), y (B, H, W) -> (scalar, features f_src)."""
+    feats = student.encode(x_src)
+    return student.seg_loss(student.decode(feats), y_src), feats
 
 
-class NonFiniteLoss(Exception):
-    """A loss or the gradient became NaN or inf (checked before the optimizer step)."""
+@torch.no_grad()
+def pseudo_label(teacher, x_tgt, threshold):
+    """Teacher argmax on the target crop and one confidence weight q for the batch (DAFormer).
+    The teacher runs in train mode, so BatchNorm uses batch statistics, as in DACS/DAFormer.
+    x (B, 3, H, W) -> labels (B, H, W) int64, q scalar tensor (fraction of pixels with max prob >= threshold)."""
+    prob = torch.softmax(models.upsample(teacher(x_tgt).float(), x_tgt.shape[-2:]), dim=1)
+    confidence, label = prob.max(dim=1)
+    return label, (confidence >= threshold).float().mean()
 
 
+def mix(x_src, y_src, x_tgt, label_tgt, q):
+    """ClassMix the source crops onto the target crops, then the strong augmentation of the mixed image.
+    -> x_mix (B, 3, H, W), y_mix (B, H, W), w_mix (B, H, W): 1 on pasted pixels, q elsewhere."""
+    x_mix, y_mix, w_mix = data.class_mix(x_src, y_src, x_tgt, label_tgt, q)
+    return data.strong_augment(x_mix), y_mix, w_mix
+
+
+def mix_loss(student, x_mix, y_mix, w_mix):
+    """Confidence-weighted CE of the student on the mixed image -> scalar."""
+    return student.seg_loss(student.decode(student.encode(x_mix)), y_mix, w_mix)
+
+
+# The auxiliary tasks, on the plain target crop (no mixing, no strong augmentation). Each branch takes the trained
+# modules `m` (m.student, m.heads), x_tgt (B, 3, H, W), the pseudo-labels (B, H, W) and their weight, and returns
+# (unweighted loss, maps for the pictures).
+def mfm_branch(m, x_tgt, pl, weight, args):
+    """L_mfm = CE(D(R(E(x_t))), pseudo-labels) * q (mfm.py); the network applies the Rebuilder (HRDA: per view)."""
+    rebuild = partial(m.student.rebuild, m.heads["rebuilder"])
+    loss, mask = mfm_loss(m.student.decode, rebuild, m.student.encode(x_tgt), pl, weight, return_mask=True,
+                          loss_fn=m.student.seg_loss)
+    return loss, dict(mfm_mask=mask)
+
+
+def cmim_head(student, args):
+    channels = student.feat_channels if isinstance(student.feat_channels, int) else student.feat_channels[-1]
+    return baselines.ClassWiseReconstructor(channels, student.feat_stride)
+
+
+@dataclass(frozen=True)
+class Auxiliary:
+    """One auxiliary task of the step. head: the name of its trained module, if any (in ckpt.pt, never in
+    model.pt; its own optimizer group at --lr-rebuilder); build(student, args) makes that module. whole_student:
+    its loss reaches every student parameter (else DDP must look for unused ones)."""
+    loss: Callable
+    what: str
+    head: Optional[str] = None
+    build: Optional[Callable] = None
+    whole_student: bool = True
+    lambda_default: float = 1.0  # the paper's λ for MFM and MIC's; ours for CMIM (choice)
+
+
+AUXILIARIES = {  # --aux NAME; adding one is an entry here plus its loss function
+    "mfm": Auxiliary(mfm_branch, "masked feature modeling", head="rebuilder", build=lambda student, args: Rebuilder(
+        student.feat_channels, args.mfm_dim, args.mfm_grid, args.mfm_depth, args.mfm_heads, mask_ratio=args.mask_ratio)),
+    "mic": Auxiliary(lambda m, x_tgt, pl, weight, args: (baselines.mic_loss(
+        m.student, x_tgt, pl, weight, args.mic_block, args.mic_ratio), {}), "MIC (masked image consistency)"),
+    "cmim": Auxiliary(lambda m, x_tgt, pl, weight, args: (baselines.cmim_loss(
+        m.student, m.heads["cmim_head"], x_tgt, pl, weight), {}), "class-wise masked image modeling",
+        head="cmim_head", build=cmim_head, whole_student=False),  # choice: trained like the Rebuilder
+}
+
+
+def auxiliaries(args):
+    """The auxiliary tasks of this run, in the order their losses run."""
+    return [] if args.mode == "source-only" else [a for a in args.aux.split(",") if a != "none"]
+
+
+@torch.no_grad()
+def ema_update(teacher, student, step, alpha):
+    """teacher = a * teacher + (1 - a) * student over parameters (not BN buffers), a = min(1 - 1/(step+1), alpha):
+    at step 0 the teacher becomes a copy of the student."""
+    a = min(1 - 1 / (step + 1), alpha)
+    torch._foreach_lerp_(list(teacher.parameters()), list(student.parameters()), 1 - a)
+
+
+def lr_factor(step, args):
+    """mmcv's linear warm-up (from 1e-6 of the LR) times polynomial decay (power 1) to 0 at args.iters."""
+    poly = (1 - step / args.iters) ** 1.0
+    if step < args.warmup:
+        return poly * (1 - (1 - step / args.warmup) * (1 - 1e-6))
+    return poly
+
+
+def train_step(run, x_src, y_src, x_tgt, step, args, frame=None):
+    """One iteration. Returns the losses (the mean over GPUs) as a dict of floats and the maps for pictures.
+    Each loss term is one forward + backward through run.trainable; with several GPUs all but the last backward
+    skip DistributedDataParallel's gradient all-reduce (no_sync), so there is one all-reduce per step.
+    frame (B, 3): where each target crop lies in its image (data.build_dataset(frame=True)), for HRDA's margins."""
+    # Autocast keeps LayerNorm, softmax and resizes in float32 (numerics), so the MiT stages and the Rebuilder's
+    # output are float32 maps; the head's first Linear/conv casts them and keeps only its bf16 copy for backward.
+    autocast = evaluation.autocast(x_src.device, args.dtype)
+    for group in run.optimizer.param_groups:
+        group["lr"] = group["base_lr"] * lr_factor(step, args)
+    run.optimizer.zero_grad(set_to_none=True)
+    losses, seen = {}, {}
+
+    def backward(branch, last):
+        """branch(m) -> loss, run as trainable(branch): m holds the student and the heads (DDP-wrapped)."""
+        with contextlib.nullcontext() if last else getattr(run.trainable, "no_sync", contextlib.nullcontext)():
+            with autocast:
+                loss = run.trainable(branch)
+            run.scaler.scale(loss).backward()
+
+    def source(m):
+        losses["loss_src"], feats = source_loss(m.student, x_src, y_src)
+        if run.imagenet is None:
+            return losses["loss_src"]
+        with torch.no_grad():  # DAFormer: stay close to ImageNet features on thing classes (MiT: the last stage)
+            feats_imagenet = run.imagenet.encode(x_src)  # (HRDA: its unused detail view costs ~2% of a step)
+        f_student, f_imagenet = m.student.deepest(feats), m.student.deepest(feats_imagenet)
+        losses["loss_fd"] = baselines.feature_distance_loss(f_student, f_imagenet, y_src)
+        return losses["loss_src"] + args.lambda_fd * losses["loss_fd"]
+    backward(source, last=run.teacher is None)
+    if run.teacher is None:
+        return finish_step(run, losses, seen, step, args)
+    with autocast:  # the teacher's forward in the student's precision; pseudo_label's softmax is float32
+        seen["pseudo_label"], q = pseudo_label(run.teacher, x_tgt, args.pseudo_threshold)
+    side = baselines.CROP_SIDE if args.recipe == "hrda" else 0
+    weight = baselines.pseudo_label_crop(q, seen["pseudo_label"], side=side, frame=frame) if args.pl_crop else q
+    seen["x_mix"], seen["y_mix"], w_mix = mix(x_src, y_src, x_tgt, seen["pseudo_label"], weight)
+    losses["confidence"] = q
+
+    def mixed(m):
+        losses["loss_mix"] = mix_loss(m.student, seen["x_mix"], seen["y_mix"], w_mix)
+        return losses["loss_mix"]
+
+    def auxiliary(name, m):
+        losses[f"loss_{name}"], maps = AUXILIARIES[name].loss(m, x_tgt, seen["pseudo_label"], weight, args)
+        seen.update(maps)
+        return getattr(args, f"lambda_{name}") * losses[f"loss_{name}"]
+    aux = auxiliaries(args)
+    backward(mixed, last=not aux)
+    for i, name in enumerate(aux):
+        backward(partial(auxiliary, name), last=i == len(aux) - 1)
+    return finish_step(run, losses, seen, step, args)
+
+
+def finish_step(run, losses, seen, step, args):
+    """One host sync for all losses and the gradient norm (averaged over GPUs, together with the stop-signal
+    flag); stop on a non-finite one *before* the optimizer step, so that no NaN reaches the weights, the AdamW
+    moments or the teacher; optimizer step; EMA teacher."""
+    grads = [p.grad for group in run.optimizer.param_groups for p in group["params"] if p.grad is not None]
+    values = [v.detach().float() for v in losses.values()]
+    grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else values[0] * 0
+    values = torch.stack(values + [grad_norm.float()])
+    names = [*losses, "grad_norm"]
+    if run.world > 1:  # every rank sees the same values, so all stop or skip together
+        values = torch.cat([values, torch.ones(1, device=values.device) * bool(run.stop_signal)])
+        dist.all_reduce(values)
+        values, names = values / run.world, names + ["stop"]  # stop > 0: a signal reached some rank
+    values = dict(zip(names, values.tolist()))
+    if values.pop("stop", 0) and not run.stop_signal:
+        run.stop_signal.append("SIGTERM")
+    bad = [k for k, v in values.items() if not math.isfinite(v)]
+    if bad:
+        run.optimizer.zero_grad(set_to_none=True)
+        what = "gradient" if bad == ["grad_norm"] else "loss"
+        raise NonFiniteLoss(f"non-finite {what}: {', '.join(f'{k} = {values[k]}' for k in bad)} at step {step}")
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    if run.teacher is not None:
+        ema_update(run.teacher, run.student, step, args.ema)
+    return values, seen
+
+
+# ----------------------------------------------------------------------------- the run
+class Trainable(nn.Module):
+    """The trained modules in one container, so that one DistributedDataParallel covers them all:
+    trainable(branch) runs branch(container) -> one loss term of the step."""
+
+    def __init__(self, student, heads):
+        super().__init__()
+        self.student, self.heads = student, nn.ModuleDict(heads)
+
+    def forward(self, branch):
+        return branch(self)
+
+
+@dataclass
+class Run:
+    """What a step touches. teacher: the EMA copy (no heads; None with --source-only); imagenet: the frozen
+    pretrained copy of the feature distance (--fd); heads: the auxiliaries' trained modules by name; trainable:
+    student + heads, DDP-wrapped under torchrun."""
+    student: nn.Module
+    teacher: Optional[nn.Module]
+    imagenet: Optional[nn.Module]
+    heads: dict
+    trainable: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    world: int = 1
+    stop_signal: list = field(default_factory=list)  # finish_step shares it between ranks
+
+
+def leaves_parameters_unused(args):
+    """Whether the step's last backward (the one DDP all-reduces in) leaves a trained parameter without a gradient:
+    an earlier auxiliary's head, or a last auxiliary that skips part of the student. Only then does DDP need its
+    per-step graph walk (find_unused_parameters)."""
+    *earlier, last = auxiliaries(args) or [None]
+    return any(AUXILIARIES[a].head for a in earlier) or (last is not None and not AUXILIARIES[last].whole_student)
+
+
+def build_run(args, num_classes):
+    """Student, heads, teacher (EMA copy, no heads), optimizer with its LR groups, grad scaler; under torchrun the
+    trained modules are wrapped in DDP (which copies rank 0's initial weights to every rank)."""
+    device = torch.device(args.device)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    student = hrda.build_model(num_classes, args.backbone, args.pretrained, hrda=dict(crop_size=args.crop_size)
+                               if args.recipe == "hrda" else None).to(device)
+    if args.sync_bn and world > 1:
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+    student = student.to(memory_format=models.memory_format(device))
+    aux = auxiliaries(args)
+    heads = {a.head: a.build(student, args).to(device) for name, a in AUXILIARIES.items() if name in aux and a.head}
+    trainable = Trainable(student, heads)
+    if world > 1:  # buffers (BatchNorm statistics) stay per GPU
+        trainable = nn.parallel.DistributedDataParallel(
+            trainable, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+            find_unused_parameters=leaves_parameters_unused(args))
+    imagenet = copy.deepcopy(student).eval().requires_grad_(False) if args.fd else None  # before any training
+    teacher = None
+    if args.mode != "source-only":
+        teacher = copy.deepcopy(student).requires_grad_(False)
+        for module in teacher.modules():
+            if isinstance(module, STOCHASTIC):
+                module.eval()
+    groups = student.param_groups(args.lr) + [dict(params=list(head.parameters()), lr=args.lr_rebuilder, name=name)
+                                              for name, head in heads.items()]
+    for group in groups:
+        group["base_lr"] = group["lr"]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")
+    if args.compile:  # after the copies: the teacher and the ImageNet copy stay plain modules
+        student.compile_encode_decode(args.compile)
+    return Run(student, teacher, imagenet, heads, trainable, optimizer, scaler, world)
+
+
+# ----------------------------------------------------------------------------- main loop
+def train(args):
+    out = Path(args.out)
+    rank, world = runtime.setup_distributed(args)
+    has_ckpt = (out / "ckpt.pt").exists()
+    if rank == 0 and not args.resume and has_ckpt:
+        raise ConfigError(f"--out {out} already holds a run (ckpt.pt). Continue it with --resume, or choose "
+                          "another --out; nothing was overwritten.")
+    runtime.set_seed(args.seed, args.deterministic)
+    keys = None
+    if args.labeled is not None:  # the draw depends on the seed only: every rank gets the same split
+        keys = data.labeled_split(args.target, args.data_root, args.labeled, args.seed)  # N or a split file
+    if rank > 0:  # rank 0 first: it writes the RCS statistics cache that the others then read
+        dist.barrier()
+    size = {name: tuple(round(v * args.resize_scale) for v in data.RESIZE[name]) for name in data.RESIZE}
+    src = data.build_dataset(args.source, args.data_root, "train", crop_size=args.crop_size, seed=args.seed,
+                             rcs=args.rcs, rcs_cache=out / "rcs_stats.json", keys=keys, source=True,
+                             resize=size[args.source])
+    if rank == 0 and world > 1:
+        dist.barrier()
+    tgt = data.build_dataset(args.target, args.data_root, "train", crop_size=args.crop_size, seed=args.seed + 1,
+                             resize=size[args.target], frame=True)
+    val = data.build_dataset(args.target, args.data_root, "val", train=False, resize=size[args.target])
+    run = build_run(args, src.num_classes)
+    if world > 1:  # augmentation, ClassMix and masks differ per rank; the weights were made (and broadcast) above
+        torch.manual_seed(args.seed + rank)
+        random.seed(args.seed + rank)
+    start = runtime.restore_run(run, args, rank) if args.resume and (has_ckpt or args.resume != "auto") else 0
+    if rank == 0:
+        runtime.open_run_folder(out, args, world, start)
+        if keys is not None:
+            data.write_split(out / "labeled.txt", args.target, keys)
+
+    device = torch.device(args.device)
+    layout = models.memory_format(device)
+    src_iter, tgt_iter = (data.train_loader(ds, args.batch_size, start, args.workers, args.seed,
+                                            device.type == "cuda", rank, world) for ds in (src, tgt))
+    stop = min(args.iters, args.stop_at or args.iters)
+    bar = tqdm(range(start, stop), initial=start, total=stop, desc=f"{args.source}->{args.target} {args.mode}",
+               disable=rank > 0)
+    tick, result, step, logged = time.time(), None, start - 1, start
+    with runtime.signals_to_flag() as stop_signal:
+        run.stop_signal = stop_signal  # finish_step shares it between ranks: all stop after the same step
+        for step in bar:
+            done = step + 1
+            picture = rank == 0 and args.vis_every and done % args.vis_every == 0
+            x_src, y_src = (t.to(device, non_blocking=True) for t in next(src_iter))
+            x_tgt = frame = None  # target labels are never used for training; source-only pictures need crops
+            if run.teacher is not None or picture:
+                x_tgt, _, frame = (t.to(device, non_blocking=True) for t in next(tgt_iter))
+                x_tgt = x_tgt.contiguous(memory_format=layout)
+            x_src = x_src.contiguous(memory_format=layout)
+            try:
+                values, seen = train_step(run, x_src, y_src, x_tgt, step, args, frame)
+                bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in values.items()})
+            except NonFiniteLoss as err:
+                if not args.skip_nonfinite:
+                    raise
+                if rank == 0:
+                    runtime.log(out, dict(step=done, skipped=str(err)))
+                values = None
+            if rank == 0 and values and args.log_every and (done % args.log_every == 0 or done == stop):
+                runtime.log(out, dict(step=done, lr=run.optimizer.param_groups[0]["lr"],
+                                      sec_per_iter=(time.time() - tick) / (done - logged), **values))
+                tick, logged = time.time(), done
+            if values and picture:
+                evaluation.save_training_picture(out / "vis" / f"step_{done:06d}.png", run.student, x_src, y_src,
+                                                 x_tgt, seen)
+            if rank == 0 and args.eval_every and (done % args.eval_every == 0 or done == args.iters):
+                result = evaluation.evaluate(run.student, val, args.device, evaluation.DTYPES[args.dtype],
+                                             args.source, num_workers=args.workers)
+                runtime.log(out, dict(step=done, eval=result))
+                bar.write(f"step {done}: {val.name} {val.split} mIoU {result['mIoU']:.2f}")
+            if (args.ckpt_every and done % args.ckpt_every == 0) or done == stop or stop_signal:
+                runtime.save_checkpoint(run, args, done)
+            if stop_signal:
+                bar.close()
+                resume = " ".join(a for a in sys.argv if a != "--resume")
+                if rank == 0:
+                    print(f"\n{stop_signal[0]} received: stopped after step {done}, checkpoint {out / 'ckpt.pt'}.\n"
+                          f"Continue with: python {resume} --resume", file=sys.stderr)
+                sys.exit(128 + getattr(signal, stop_signal[0]))
+    bar.close()
+    if step + 1 < args.iters:
+        if rank == 0:
+            print(f"stopped at step {step + 1} of {args.iters} (--stop-at); continue with --resume.")
+    elif result is not None:
+        print(evaluation.format_table(result))
+        print(f"done: {args.mode} {args.source}->{args.target}, {args.iters} iterations; final model: {val.name} "
+              f"{val.split} mIoU {result['mIoU']:.2f}. Weights for inference: {out / 'model.pt'}")
+    return result
+
+
+# ----------------------------------------------------------------------------- command line
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 
@@ -93,13 +421,16 @@ def parse_args(argv=None):
     g.add_argument("--ema", type=float, default=0.99, help="teacher EMA: alpha_t = min(1 - 1/(t+1), EMA) (0.99)")
     g.add_argument("--pseudo-threshold", type=float, default=0.968,
                    help="q = fraction of target pixels whose max teacher probability >= this (DACS: 0.968)")
-    g = p.add_argument_group("MFM (paper §3: L = L_src + L_mix + lambda * L_mfm)")
+    g = p.add_argument_group("auxiliary tasks (L = L_src + L_mix + sum of lambda_a * L_a; MFM is the paper's, §3)")
     mode = g.add_mutually_exclusive_group()
     mode.add_argument("--aux", default="mfm", help="target auxiliary tasks, comma-separated from "
                       f"{', '.join(AUXILIARIES)}, or none (default: mfm). E.g. --aux mfm,mic")
     mode.add_argument("--no-mfm", action="store_true", help="DACS baseline: no auxiliary task (= --aux none)")
     mode.add_argument("--source-only", action="store_true", help="no adaptation: source loss only")
-    g.add_argument("--lambda-mfm", type=float, default=1.0, help="lambda, weight of L_mfm (default: 1.0)")
+    for name, aux in AUXILIARIES.items():
+        g.add_argument(f"--lambda-{name}", type=float, default=aux.lambda_default,
+                       help=f"lambda_{name}, weight of the {aux.what} loss (default: {aux.lambda_default})")
+    g = p.add_argument_group("MFM's Rebuilder (mfm.py)")
     g.add_argument("--mask-ratio", type=float, default=0.4, help="P(grid cell masked), in (0, 1) (default: 0.4)")
     g.add_argument("--mfm-grid", type=int, help=f"mask grid g: g x g cells {preset('mfm_grid')}; MiT: crop/32")
     g.add_argument("--mfm-dim", type=int, default=512, help="Rebuilder width C' (default: 512)")
@@ -107,10 +438,8 @@ def parse_args(argv=None):
     g.add_argument("--mfm-heads", type=int, default=16, help="Rebuilder attention heads (default: 16)")
     g.add_argument("--lr-rebuilder", type=float, help=f"Rebuilder AdamW LR, same schedule {preset('lr_rebuilder')}")
     g = p.add_argument_group("comparisons: MIC, class-wise MIM (baselines.py) and the DAFormer extras")
-    g.add_argument("--lambda-mic", type=float, default=1.0, help="weight of the MIC loss (default: 1.0)")
     g.add_argument("--mic-block", type=int, help="MIC mask block in pixels (default: crop/16, 32 at 512)")
     g.add_argument("--mic-ratio", type=float, default=0.7, help="MIC fraction of masked blocks (default: 0.7)")
-    g.add_argument("--lambda-cmim", type=float, default=1.0, help="weight of the class-wise MIM loss (1.0)")
     g.add_argument("--fd", action="store_true", help="ImageNet feature distance on thing classes (DAFormer)")
     g.add_argument("--lambda-fd", type=float, default=baselines.LAMBDA_FD, help="its weight (default: 0.005)")
     g.add_argument("--pl-crop", action="store_true", help="weight 0 on the top 15 / bottom 120 rows of target "
@@ -200,425 +529,8 @@ def resolve(args):
     return args
 
 
-# ----------------------------------------------------------------------------- the algorithm, step by step
-def source_loss(student, x_src, y_src):
-    """CE of the student on labelled source crops (HRDA: 0.9 fused + 0.1 detail, its seg_loss).
-    x (B, 3, H, W), y (B, H, W) -> (scalar, features f_src)."""
-    feats = student.encode(x_src)
-    return student.seg_loss(student.decode(feats), y_src), feats
-
-
-@torch.no_grad()
-def pseudo_label(teacher, x_tgt, threshold):
-    """Teacher argmax on the target crop and one confidence weight q for the batch (DAFormer).
-    The teacher runs in train mode, so BatchNorm uses batch statistics, as in DACS/DAFormer.
-    x (B, 3, H, W) -> labels (B, H, W) int64, q scalar tensor (fraction of pixels with max prob >= threshold)."""
-    prob = torch.softmax(models.upsample(teacher(x_tgt).float(), x_tgt.shape[-2:]), dim=1)
-    confidence, label = prob.max(dim=1)
-    return label, (confidence >= threshold).float().mean()
-
-
-def mix(x_src, y_src, x_tgt, label_tgt, q):
-    """ClassMix the source crops onto the target crops, then the strong augmentation of the mixed image.
-    -> x_mix (B, 3, H, W), y_mix (B, H, W), w_mix (B, H, W): 1 on pasted pixels, q elsewhere."""
-    x_mix, y_mix, w_mix = data.class_mix(x_src, y_src, x_tgt, label_tgt, q)
-    return data.strong_augment(x_mix), y_mix, w_mix
-
-
-def mix_loss(student, x_mix, y_mix, w_mix):
-    """Confidence-weighted CE of the student on the mixed image -> scalar."""
-    return student.seg_loss(student.decode(student.encode(x_mix)), y_mix, w_mix)
-
-
-@torch.no_grad()
-def ema_update(teacher, student, step, alpha):
-    """teacher = a * teacher + (1 - a) * student over parameters (not BN buffers), a = min(1 - 1/(step+1), alpha):
-    at step 0 the teacher becomes a copy of the student."""
-    a = min(1 - 1 / (step + 1), alpha)
-    torch._foreach_lerp_(list(teacher.parameters()), list(student.parameters()), 1 - a)
-
-
-def lr_factor(step, args):
-    """mmcv's linear warm-up (from 1e-6 of the LR) times polynomial decay (power 1) to 0 at args.iters."""
-    poly = (1 - step / args.iters) ** 1.0
-    if step < args.warmup:
-        return poly * (1 - (1 - step / args.warmup) * (1 - 1e-6))
-    return poly
-
-
-def train_step(run, x_src, y_src, x_tgt, step, args, frame=None):
-    """One iteration. Returns the losses (the mean over GPUs) as a dict of floats and the maps for pictures.
-    Each loss term is one forward + backward through run["net"]; with several GPUs all but the last backward
-    skip DistributedDataParallel's gradient all-reduce (no_sync), so there is one all-reduce per step.
-    frame (B, 3): where each target crop lies in its image (data.build_dataset(frame=True)), for HRDA's margins."""
-    teacher, net = run["teacher"], run["net"]
-    # Autocast keeps LayerNorm, softmax and resizes in float32 (numerics), so the MiT stages and the Rebuilder's
-    # output are float32 maps; the head's first Linear/conv casts them and keeps only its bf16 copy for backward.
-    autocast = evaluation.autocast(x_src.device, args.dtype)
-    for group in run["optimizer"].param_groups:
-        group["lr"] = group["base_lr"] * lr_factor(step, args)
-    run["optimizer"].zero_grad(set_to_none=True)
-    losses, seen = {}, {}
-    aux = [] if teacher is None else [a for a in args.aux.split(",") if a != "none"]
-
-    def backward(branch, last):
-        """branch(m) -> loss, run as net(branch): m holds student, rebuilder and cmim_head (DDP-wrapped)."""
-        with contextlib.nullcontext() if last else getattr(net, "no_sync", contextlib.nullcontext)():
-            with autocast:
-                loss = net(branch)
-            run["scaler"].scale(loss).backward()
-
-    def source(m):
-        losses["loss_src"], feats = source_loss(m.student, x_src, y_src)
-        if run["imagenet"] is None:
-            return losses["loss_src"]
-        with torch.no_grad():  # DAFormer: stay close to ImageNet features on thing classes (MiT: the last stage)
-            feats_imagenet = run["imagenet"].encode(x_src)  # (HRDA: its unused detail view costs ~2% of a step)
-        f_student, f_imagenet = hrda.deepest(feats), hrda.deepest(feats_imagenet)
-        losses["loss_fd"] = baselines.feature_distance_loss(f_student, f_imagenet, y_src)
-        return losses["loss_src"] + args.lambda_fd * losses["loss_fd"]
-    backward(source, last=teacher is None)
-    if teacher is None:
-        return finish_step(run, losses, seen, step, args)
-    with autocast:  # the teacher's forward in the student's precision; pseudo_label's softmax is float32
-        seen["pseudo_label"], q = pseudo_label(teacher, x_tgt, args.pseudo_threshold)
-    side = baselines.CROP_SIDE if args.recipe == "hrda" else 0
-    weight = baselines.pseudo_label_crop(q, seen["pseudo_label"], side=side, frame=frame) if args.pl_crop else q
-    seen["x_mix"], seen["y_mix"], w_mix = mix(x_src, y_src, x_tgt, seen["pseudo_label"], weight)
-    losses["confidence"] = q
-
-    def mixed(m):
-        losses["loss_mix"] = mix_loss(m.student, seen["x_mix"], seen["y_mix"], w_mix)
-        return losses["loss_mix"]
-
-    def auxiliary(m, name):  # on the plain target crop: no mixing, no strong augmentation
-        if name == "mfm":
-            losses["loss_mfm"], seen["mfm_mask"] = mfm_loss(m.student.decode, m.rebuilder, m.student.encode(x_tgt),
-                                                            seen["pseudo_label"], weight, return_mask=True,
-                                                            loss_fn=m.student.seg_loss)
-        elif name == "mic":
-            losses["loss_mic"] = baselines.mic_loss(m.student, x_tgt, seen["pseudo_label"], weight, args.mic_block,
-                                                    args.mic_ratio)
-        else:
-            losses["loss_cmim"] = baselines.cmim_loss(m.student, m.cmim_head, x_tgt, seen["pseudo_label"], weight)
-        return getattr(args, f"lambda_{name}") * losses[f"loss_{name}"]
-    backward(mixed, last=not aux)
-    for i, name in enumerate(aux):
-        backward(lambda m, name=name: auxiliary(m, name), last=i == len(aux) - 1)
-    return finish_step(run, losses, seen, step, args)
-
-
-def finish_step(run, losses, seen, step, args):
-    """One host sync for all losses and the gradient norm (averaged over GPUs, together with the stop-signal
-    flag); stop on a non-finite one *before* the optimizer step, so that no NaN reaches the weights, the AdamW
-    moments or the teacher; optimizer step; EMA teacher."""
-    grads = [p.grad for group in run["optimizer"].param_groups for p in group["params"] if p.grad is not None]
-    values = [v.detach().float() for v in losses.values()]
-    grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else values[0] * 0
-    values = torch.stack(values + [grad_norm.float()])
-    names = [*losses, "grad_norm"]
-    if run["world"] > 1:  # every rank sees the same values, so all stop or skip together
-        values = torch.cat([values, torch.ones(1, device=values.device) * bool(run["stop_signal"])])
-        dist.all_reduce(values)
-        values, names = values / run["world"], names + ["stop"]  # stop > 0: a signal reached some rank
-    values = dict(zip(names, values.tolist()))
-    if values.pop("stop", 0) and not run["stop_signal"]:
-        run["stop_signal"].append("SIGTERM")
-    bad = [k for k, v in values.items() if not math.isfinite(v)]
-    if bad:
-        run["optimizer"].zero_grad(set_to_none=True)
-        what = "gradient" if bad == ["grad_norm"] else "loss"
-        raise NonFiniteLoss(f"non-finite {what}: {', '.join(f'{k} = {values[k]}' for k in bad)} at step {step}")
-    run["scaler"].step(run["optimizer"])
-    run["scaler"].update()
-    if run["teacher"] is not None:
-        ema_update(run["teacher"], run["student"], step, args.ema)
-    return values, seen
-
-
-# ----------------------------------------------------------------------------- set-up, checkpoints, pictures
-def set_seed(seed, deterministic=False):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    # warn_only: CUDA has no deterministic backward of bilinear upsampling, which every network and the Rebuilder
-    # use; bit-identical resumes are guaranteed (and tested) on CPU
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
-    torch.backends.cudnn.benchmark = not deterministic
-    # TF32 for what autocast leaves in float32 (the fp32 mode, the losses' softmax); off for --deterministic
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not deterministic
-
-
-class Trainable(nn.Module):
-    """The trained modules in one container, so that one DistributedDataParallel covers them all:
-    net(branch) runs branch(container) -> one loss term of the step."""
-
-    def __init__(self, student, rebuilder=None, cmim_head=None):
-        super().__init__()
-        self.student, self.rebuilder, self.cmim_head = student, rebuilder, cmim_head
-
-    def forward(self, branch):
-        return branch(self)
-
-
-def setup_distributed(args):
-    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on CUDA, gloo on CPU), one GPU per local
-    rank. Returns (rank, world size); (0, 1) for a plain `python train.py`."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1:
-        return 0, 1
-    if args.device.startswith("cuda"):  # modulo: launchers that show each process only its own GPU
-        args.device = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
-        torch.cuda.set_device(args.device)
-    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo",
-                            timeout=datetime.timedelta(hours=1))  # rank 0 evaluates while the others wait
-    return dist.get_rank(), world
-
-
-def build_run(args, num_classes):
-    """Student, teacher (EMA copy, no Rebuilder), Rebuilder, optimizer with its LR groups, grad scaler; under
-    torchrun the trained modules are wrapped in DDP (which copies rank 0's initial weights to every rank)."""
-    device = torch.device(args.device)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    student = hrda.build_model(num_classes, args.backbone, args.pretrained, hrda=dict(crop_size=args.crop_size)
-                               if args.recipe == "hrda" else None).to(device)
-    if args.sync_bn and world > 1:
-        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-    if device.type == "cuda":
-        student = student.to(memory_format=torch.channels_last)
-    channels = student.feat_channels if isinstance(student.feat_channels, int) else student.feat_channels[-1]
-    rebuilder = Rebuilder(student.feat_channels, args.mfm_dim, args.mfm_grid, args.mfm_depth, args.mfm_heads,
-                          mask_ratio=args.mask_ratio).to(device) if "mfm" in args.aux else None
-    if rebuilder is not None and isinstance(student, hrda.HRDA):  # one Rebuilder for both views (HRDA.md §4.2)
-        rebuilder = hrda.PerView(rebuilder)
-    run = dict(student=student, teacher=None, imagenet=None, world=world, stop_signal=[], rebuilder=rebuilder,
-               cmim_head=baselines.ClassWiseReconstructor(channels, student.feat_stride).to(device)
-               if "cmim" in args.aux else None)  # choice: trained like the Rebuilder (its LR group)
-    run["net"] = Trainable(student, run["rebuilder"], run["cmim_head"])
-    if world > 1:  # buffers (BatchNorm statistics) stay per GPU
-        run["net"] = nn.parallel.DistributedDataParallel(
-            run["net"], device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
-            find_unused_parameters=leaves_parameters_unused(args))
-    if args.fd:  # frozen copy of the pretrained network, made before any training
-        run["imagenet"] = copy.deepcopy(student).eval().requires_grad_(False)
-    if args.mode != "source-only":
-        run["teacher"] = copy.deepcopy(student).requires_grad_(False)
-        for module in run["teacher"].modules():
-            if isinstance(module, STOCHASTIC):
-                module.eval()
-    groups = student.param_groups(args.lr)
-    for name in TRAINED_AUX_MODULES:
-        if run[name] is not None:
-            groups.append(dict(params=list(run[name].parameters()), lr=args.lr_rebuilder, name=name))
-    for group in groups:
-        group["base_lr"] = group["lr"]
-    run["optimizer"] = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    run["scaler"] = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")
-    if args.compile:  # after the copies: the teacher and the ImageNet copy stay plain modules. HRDA: its network,
-        net = student.net if isinstance(student, hrda.HRDA) else student  # whose input sizes do not change
-        net.encode, net.decode = (torch.compile(f, backend=args.compile) for f in (net.encode, net.decode))
-    return run
-
-
-def leaves_parameters_unused(args):
-    """Whether the step's last backward (the one DDP all-reduces in) leaves a trained parameter without a
-    gradient: MIC after MFM leaves the Rebuilder out, CMIM the decoder. Only then does DDP need its per-step
-    graph walk (find_unused_parameters)."""
-    aux = [a for a in args.aux.split(",") if a != "none"] if args.mode != "source-only" else []
-    return "cmim" in aux or ("mfm" in aux and aux[-1] != "mfm")
-
-
-def export(run, args, done):
-    """What inference needs after `done` iterations: the student's weights and how to build it (no teacher, no
-    Rebuilder)."""
-    return dict(model=run["student"].state_dict(), model_config=run["student"].config, config=vars(args), step=done)
-
-
-def save_checkpoint(run, args, done):
-    """ckpt.pt (everything to resume, each rank's RNG state) and model.pt; rank 0 writes. Every rank must call it:
-    it gathers the RNG states and checks that the teacher is the same on every rank."""
-    device = torch.device(args.device)  # this rank's GPU only: a resume may see fewer GPUs
-    rng = dict(torch=torch.get_rng_state(), python=random.getstate(),
-               cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-    teacher = run["teacher"] or run["student"]
-    checksum = float(sum(p.detach().double().sum() for p in teacher.parameters()))
-    ranks = [(rng, checksum)]
-    if run["world"] > 1:
-        ranks = [None] * run["world"]
-        dist.all_gather_object(ranks, (rng, checksum))
-        if len({c for _, c in ranks}) > 1:
-            raise RuntimeError(f"the teacher differs between GPUs after {done} iterations (checksums "
-                                f"{[c for _, c in ranks]}); not saving")
-    if dist.is_initialized() and dist.get_rank() > 0:
-        return
-    for name in ("student", "teacher", *TRAINED_AUX_MODULES):  # never write a NaN model over a good one
-        module = run[name]
-        if module is not None and not torch.stack([p.isfinite().all() for p in module.parameters()]).all():
-            raise NonFiniteLoss(f"the {name} weights hold NaN/inf after {done} iterations; not saving them")
-    weights = export(run, args, done)
-    state = dict(weights, **{name: run[name].state_dict() if run[name] is not None else None
-                             for name in ("teacher", *TRAINED_AUX_MODULES)})
-    state.update(optimizer=run["optimizer"].state_dict(), scaler=run["scaler"].state_dict(),
-                 rng=[r for r, _ in ranks])
-    models.atomic_save(state, Path(args.out) / "ckpt.pt", keep_previous=True)
-    models.atomic_save(weights, Path(args.out) / "model.pt")
-
-
-def load_checkpoint(run, args, rank=0):
-    """Restore everything of a --resume; returns the iterations done. Refuses a checkpoint of another config."""
-    path = Path(args.out) / "ckpt.pt" if args.resume == "auto" else Path(args.resume)
-    try:
-        ckpt = models.load_checkpoint(path)
-    except models.WeightsError as err:
-        prev = path.with_name(path.stem + ".prev.pt")
-        hint = f" The checkpoint before it is {prev}: --resume {prev}" if prev.exists() else ""
-        raise ConfigError(f"cannot resume: {err}{hint}") from err
-    saved, now = ckpt["config"], vars(args)
-    differ = [f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, now {now[k]!r}"
-              for k in now if k not in RESUMABLE and saved.get(k) != now[k]]
-    if differ:
-        raise ConfigError(f"{path} was written by a run with other settings; resume with the same flags or "
-                          "start a new --out. Differences:\n  " + "\n  ".join(differ))
-    run["student"].load_state_dict(ckpt["model"])
-    for name in ("teacher", *TRAINED_AUX_MODULES, "optimizer", "scaler"):
-        if run[name] is not None:
-            run[name].load_state_dict(ckpt[name])
-    rng = ckpt["rng"][rank % len(ckpt["rng"])]  # exact when resumed with as many processes as it was run with
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    device, state = torch.device(args.device), rng["cuda"]
-    if device.type == "cuda" and state is not None:  # older checkpoints hold a list: every GPU's state
-        state = state[(device.index or 0) % len(state)] if isinstance(state, list) else state
-        torch.cuda.set_rng_state(state, device)
-    return ckpt["step"]
-
-
-@contextlib.contextmanager
-def signals_to_flag():
-    """While inside, SIGINT/SIGTERM append their name to the yielded list instead of killing the process: the
-    loop finishes its step, writes a checkpoint and exits. The previous handlers come back afterwards."""
-    flag = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: flag.append(signal.Signals(signum).name))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield flag
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def log(out, record):
-    """Append one line of strict JSON to log.jsonl (NaN/inf become null: jq and JavaScript reject them)."""
-    with open(Path(out) / "log.jsonl", "a") as f:
-        f.write(json.dumps(evaluation.finite(record), allow_nan=False) + "\n")
-
-
-# ----------------------------------------------------------------------------- main loop
-def train(args):
-    out = Path(args.out)
-    rank, world = setup_distributed(args)
-    has_ckpt = (out / "ckpt.pt").exists()
-    if rank == 0 and not args.resume and has_ckpt:
-        raise ConfigError(f"--out {out} already holds a run (ckpt.pt). Continue it with --resume, or choose "
-                          "another --out; nothing was overwritten.")
-    set_seed(args.seed, args.deterministic)
-    keys = None
-    if args.labeled is not None:  # the draw depends on the seed only: every rank gets the same split
-        keys = data.labeled_split(args.target, args.data_root, args.labeled, args.seed)  # N or a split file
-    if rank > 0:  # rank 0 first: it writes the RCS statistics cache that the others then read
-        dist.barrier()
-    size = {name: tuple(round(v * args.resize_scale) for v in data.RESIZE[name]) for name in data.RESIZE}
-    src = data.build_dataset(args.source, args.data_root, "train", crop_size=args.crop_size, seed=args.seed,
-                             rcs=args.rcs, rcs_cache=out / "rcs_stats.json", keys=keys, source=True,
-                             resize=size[args.source])
-    if rank == 0 and world > 1:
-        dist.barrier()
-    tgt = data.build_dataset(args.target, args.data_root, "train", crop_size=args.crop_size, seed=args.seed + 1,
-                             resize=size[args.target], frame=True)
-    val = data.build_dataset(args.target, args.data_root, "val", train=False, resize=size[args.target])
-    run = build_run(args, src.num_classes)
-    if world > 1:  # augmentation, ClassMix and masks differ per rank; the weights were made (and broadcast) above
-        torch.manual_seed(args.seed + rank)
-        random.seed(args.seed + rank)
-    start = load_checkpoint(run, args, rank) if args.resume and (has_ckpt or args.resume != "auto") else 0
-    if rank == 0 and start == 0 and (out / "config.json").exists():  # died before its first checkpoint
-        print(f"note: the run in {out} stopped before its first checkpoint; starting it again", file=sys.stderr)
-        (out / "log.jsonl").unlink(missing_ok=True)
-    if rank == 0:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise ConfigError(f"cannot create the output folder --out {out}: {err}") from err
-        config_path = out / "config.json"
-        history = json.loads(config_path.read_text())["argv"] if config_path.exists() else []
-        config_path.write_text(json.dumps(dict(config=vars(args), argv=history + [sys.argv], world_size=world),
-                                          indent=2))
-        if keys is not None:
-            data.write_split(out / "labeled.txt", args.target, keys)
-
-    device = torch.device(args.device)
-    channels_last = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    src_iter, tgt_iter = (data.train_loader(ds, args.batch_size, start, args.workers, args.seed,
-                                            device.type == "cuda", rank, world) for ds in (src, tgt))
-    stop = min(args.iters, args.stop_at or args.iters)
-    bar = tqdm(range(start, stop), initial=start, total=stop, desc=f"{args.source}->{args.target} {args.mode}",
-               disable=rank > 0)
-    tick, result, step, logged = time.time(), None, start - 1, start
-    with signals_to_flag() as stop_signal:
-        run["stop_signal"] = stop_signal  # finish_step shares it between ranks: all stop after the same step
-        for step in bar:
-            done = step + 1
-            picture = rank == 0 and args.vis_every and done % args.vis_every == 0
-            x_src, y_src = (t.to(device, non_blocking=True) for t in next(src_iter))
-            x_tgt = frame = None  # target labels are never used for training; source-only pictures need crops
-            if run["teacher"] is not None or picture:
-                x_tgt, _, frame = (t.to(device, non_blocking=True) for t in next(tgt_iter))
-                x_tgt = x_tgt.contiguous(memory_format=channels_last)
-            x_src = x_src.contiguous(memory_format=channels_last)
-            try:
-                values, seen = train_step(run, x_src, y_src, x_tgt, step, args, frame)
-                bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in values.items()})
-            except NonFiniteLoss as err:
-                if not args.skip_nonfinite:
-                    raise
-                if rank == 0:
-                    log(out, dict(step=done, skipped=str(err)))
-                values = None
-            if rank == 0 and values and args.log_every and (done % args.log_every == 0 or done == stop):
-                log(out, dict(step=done, lr=run["optimizer"].param_groups[0]["lr"],
-                              sec_per_iter=(time.time() - tick) / (done - logged), **values))
-                tick, logged = time.time(), done
-            if values and picture:
-                evaluation.save_training_picture(out / "vis" / f"step_{done:06d}.png", run["student"], x_src, y_src,
-                                                 x_tgt, seen)
-            if rank == 0 and args.eval_every and (done % args.eval_every == 0 or done == args.iters):
-                result = evaluation.evaluate(run["student"], val, args.device, evaluation.DTYPES[args.dtype],
-                                             args.source, num_workers=args.workers)
-                log(out, dict(step=done, eval=result))
-                bar.write(f"step {done}: {val.name} {val.split} mIoU {result['mIoU']:.2f}")
-            if (args.ckpt_every and done % args.ckpt_every == 0) or done == stop or stop_signal:
-                save_checkpoint(run, args, done)
-            if stop_signal:
-                bar.close()
-                resume = " ".join(a for a in sys.argv if a != "--resume")
-                if rank == 0:
-                    print(f"\n{stop_signal[0]} received: stopped after step {done}, checkpoint {out / 'ckpt.pt'}.\n"
-                          f"Continue with: python {resume} --resume", file=sys.stderr)
-                sys.exit(128 + getattr(signal, stop_signal[0]))
-    bar.close()
-    if step + 1 < args.iters:
-        if rank == 0:
-            print(f"stopped at step {step + 1} of {args.iters} (--stop-at); continue with --resume.")
-    elif result is not None:
-        print(evaluation.format_table(result))
-        print(f"done: {args.mode} {args.source}->{args.target}, {args.iters} iterations; final model: {val.name} "
-              f"{val.split} mIoU {result['mIoU']:.2f}. Weights for inference: {out / 'model.pt'}")
-    return result
-
-
 def main(argv=None):
+    args = None  # an error inside parse_args leaves no args to read below
     try:
         args = parse_args(argv)
         return train(args)
@@ -630,9 +542,10 @@ def main(argv=None):
     except RuntimeError as err:  # cuDNN/cuBLAS report a failed allocation as a plain RuntimeError
         if not isinstance(err, torch.cuda.OutOfMemoryError) and "ALLOC_FAILED" not in str(err):
             raise
+        bf16 = ", or --dtype bf16" if args is None or args.dtype == "fp32" else ""
         sys.exit(f"error: the GPU ran out of memory ({str(err).splitlines()[0]}). Try a smaller --crop-size or "
-                 "--batch-size" + (", or --dtype bf16" if args.dtype == "fp32" else "") + "; the same "
-                 "command then starts again (or continues from the last checkpoint with --resume).")
+                 f"--batch-size{bf16}; the same command then starts again (or continues from the last checkpoint "
+                 "with --resume).")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

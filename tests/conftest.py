@@ -11,21 +11,78 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's flat modules, however pytest is run
-import data
+import bench  # noqa: E402
+import data  # noqa: E402
+import train  # noqa: E402
 
 GTA_PALETTE = np.array(data.PALETTE * 14, np.uint8)[:256].ravel().tolist()
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped without one (gpu_check.py runs them)")
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped without one (tools/gpu_check.py runs them)")
 
 
 def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available():
-        skip = pytest.mark.skip(reason="needs a CUDA GPU (gpu_check.py runs the cuda-marked tests)")
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (tools/gpu_check.py runs the cuda-marked tests)")
         for item in items:
             if "cuda" in item.keywords:
                 item.add_marker(skip)
+
+
+# ----------------------------------------------------------------------------- host syncs, counted on the meta device
+class HostSyncCounter(bench.MetaReads):
+    """Counts the ops of a step that make the host wait for the GPU: reading values (item, tolist, bool), copies
+    between host and device (torch.tensor(..., device=cuda) included), and data-dependent shapes (nonzero,
+    unique, boolean masks: raised, as they cannot run without data). Meant for a step on the meta device, where
+    tensors have shapes but no data, so a CPU-only machine sees what CUDA would wait for: a host-device copy is
+    a cpu<->meta copy. counts: {what: how many}."""
+    DATA_DEPENDENT = {"nonzero", "_unique2", "unique_dim", "unique_consecutive", "masked_select", "argwhere"}
+
+    def __init__(self):
+        super().__init__()
+        self.counts = {}
+
+    def event(self, what):
+        self.counts[what] = self.counts.get(what, 0) + 1
+
+    def __enter__(self):  # torch.tensor/as_tensor of host data to a device copies before any op is dispatched
+        self.factories = torch.tensor, torch.as_tensor
+        for name, factory in zip(("tensor", "as_tensor"), self.factories):
+            setattr(torch, name, self.counted_factory(factory))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.tensor, torch.as_tensor = self.factories
+        return super().__exit__(*exc)
+
+    def counted_factory(self, factory):
+        def make(data, *args, device=None, **kwargs):
+            on_device = torch.is_tensor(data) and data.device == torch.device(device or data.device)
+            if device is not None and torch.device(device).type != "cpu" and not on_device:
+                self.event(f"torch.{factory.__name__} to {torch.device(device).type}")
+            return factory(data, *args, device=device, **kwargs)
+        return make
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        devices = [a.device.type for a in args if torch.is_tensor(a)]
+        if name in self.DATA_DEPENDENT or (name == "index" and any(
+                torch.is_tensor(i) and i.dtype == torch.bool for i in args[1] if i is not None)):
+            if devices and devices[0] != "cpu":
+                raise RuntimeError(f"aten.{name} on a {devices[0]} tensor: its output shape depends on the data, "
+                                   "a host sync on CUDA")
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+def meta_step_syncs(train_argv, steps=2):
+    """Host syncs per training step of `train.py train_argv`, counted on the meta device (no data, no GPU):
+    {what: count per step}. The data arrive as the loop's pinned, non-blocking copies do (not counted)."""
+    _, step, _ = bench.meta_step(train.parse_args([*train_argv, "--device", "cpu"]))
+    with HostSyncCounter() as counter:
+        for _ in range(steps):
+            step()
+    return {k: v / steps for k, v in counter.counts.items()}
 
 
 # ----------------------------------------------------------------------------- writers (independent of data.py)

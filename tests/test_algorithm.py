@@ -104,7 +104,7 @@ def tiny_batch():
 def test_mfm_runs_on_the_plain_target_crop_with_the_mixed_confidence_weight(monkeypatch):
     args, run = tiny_run()
     x_src, y_src, x_tgt = tiny_batch()
-    student, teacher = run["student"], run["teacher"]
+    student, teacher = run.student, run.teacher
     with torch.no_grad():  # before the step: the weights train_step uses (BatchNorm in train mode, batch stats)
         feats_tgt = student.encode(x_tgt)
         confidence = torch.softmax(models.upsample(teacher(x_tgt), (32, 32)), 1).max(1)[0]
@@ -127,7 +127,8 @@ def test_mfm_runs_on_the_plain_target_crop_with_the_mixed_confidence_weight(monk
     monkeypatch.setattr(train, "mix_loss", mix_spy)
     values, _ = train.train_step(run, x_src, y_src, x_tgt.clone(), 0, args)
     got = calls["mfm"]
-    assert got["decoder"] == student.decode and got["rebuilder"] is run["rebuilder"]
+    assert got["decoder"] == student.decode  # the network applies the run's Rebuilder (HRDA: to each view)
+    assert got["rebuilder"].func == student.rebuild and got["rebuilder"].args == (run.heads["rebuilder"],)
     assert torch.allclose(got["feats"], feats_tgt, atol=1e-6)  # E(x_tgt), not E(x_mix)
     assert torch.equal(got["pseudo_label"], label_tgt)
     assert torch.as_tensor(got["weight"]).item() == pytest.approx(q.item())
@@ -135,6 +136,27 @@ def test_mfm_runs_on_the_plain_target_crop_with_the_mixed_confidence_weight(monk
     assert (w_mix == 1).any() and (w_mix != 1).any()
     assert torch.allclose(w_mix[w_mix != 1], torch.as_tensor(got["weight"]))  # the same weight as the mixed loss
     assert values["confidence"] == pytest.approx(q.item()) and np.isfinite(values["loss_mfm"])
+
+
+def test_an_auxiliary_is_one_table_entry(monkeypatch):
+    """A new entry in train.AUXILIARIES (its loss function and head) gets --aux NAME and --lambda-NAME, its head in
+    the optimizer (at --lr-rebuilder) and in ckpt.pt, and its weighted loss in the step; nothing else changes."""
+    seen = []
+
+    def branch(m, x_tgt, pl, weight, args):
+        seen.append((x_tgt.shape, pl.shape))
+        return m.heads["probe"](x_tgt).square().mean(), dict(probe_map=x_tgt[:, :1])
+    probe = train.Auxiliary(branch, "probe", head="probe", build=lambda student, args: nn.Conv2d(3, 1, 1))
+    monkeypatch.setitem(train.AUXILIARIES, "probe", probe)
+    args, run = tiny_run("--aux", "mfm,probe", "--lambda-probe", "0.25", "--lr-rebuilder", "0.5")
+    assert set(run.heads) == {"rebuilder", "probe"} and args.lambda_probe == 0.25
+    group = next(g for g in run.optimizer.param_groups if g["name"] == "probe")
+    assert group["lr"] == 0.5 and group["params"] == list(run.heads["probe"].parameters())
+    before = run.heads["probe"].weight.detach().clone()
+    values, maps = train.train_step(run, *tiny_batch(), 0, args)
+    assert seen == [((2, 3, 32, 32), (2, 32, 32))] and "probe_map" in maps and "mfm_mask" in maps
+    assert {"loss_mfm", "loss_probe"} <= set(values) and not torch.equal(before, run.heads["probe"].weight)
+    assert train.leaves_parameters_unused(args) is True  # MFM's Rebuilder sits out the last backward
 
 
 # ----------------------------------------------------------------------------- defaults and flags
@@ -151,16 +173,16 @@ def test_defaults_are_the_papers():
 def test_flags_reach_the_rebuilder_and_the_optimizer():
     args, run = tiny_run("--mask-ratio", "0.3", "--mfm-grid", "8", "--mfm-depth", "3", "--lr", "1e-4",
                          "--lr-rebuilder", "3e-4", "--iters", "20", "--warmup", "10")
-    rebuilder = run["rebuilder"]
+    rebuilder = run.heads["rebuilder"]
     assert rebuilder.mask_ratio == 0.3 and rebuilder.grid == 8
     assert rebuilder.embed.out_features == 64 and len(rebuilder.blocks) == 3 and rebuilder.blocks[0].num_heads == 4
-    groups = {g["name"]: g for g in run["optimizer"].param_groups}
+    groups = {g["name"]: g for g in run.optimizer.param_groups}
     base = dict(backbone=1e-4, head=1e-3, rebuilder=3e-4)  # backbone lr, head 10x, Rebuilder its own
     assert {k: pytest.approx(g["base_lr"]) for k, g in groups.items()} == base
     assert all(g["weight_decay"] == 0.01 for g in groups.values())
     ids = {k: {id(p) for p in g["params"]} for k, g in groups.items()}
     assert ids["rebuilder"] == {id(p) for p in rebuilder.parameters()}
-    assert ids["head"] == {id(p) for p in run["student"].head.parameters()}
+    assert ids["head"] == {id(p) for p in run.student.head.parameters()}
 
     step = 4
     factor = (1 - step / 20) * (1 - (1 - step / 10) * (1 - 1e-6))  # poly decay x mmcv linear warm-up from 1e-6

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import bench
+import train
 
 
 def test_cpu_peak_bytes_is_what_the_function_holds_at_once():
@@ -52,3 +53,19 @@ def test_conv_backward_flops_count_groups(groups):
     with bench.count_flops() as counter:
         conv(x).sum().backward()
     assert counter.get_total_flops() == 3 * forward
+
+
+@pytest.mark.parametrize("bench_flags, train_flags, grid, crop", [
+    ([], ["--source", "toy-day", "--target", "toy-night"], 4, 64),  # the toy's step (bench timed grid 2 once)
+    (["--preset", "paper"], ["--source", "gta", "--target", "cityscapes"], 16, 512),  # DeepLabV2 ResNetV1c-101
+    (["--preset", "paper", "--backbone", "mit_b5"], ["--source", "gta", "--target", "cityscapes", "--backbone",
+                                                     "mit_b5"], 16, 512),
+    (["--preset", "paper", "--backbone", "mit_b5", "--hrda"], ["--source", "gta", "--target", "cityscapes",
+                                                              "--backbone", "mit_b5", "--recipe", "hrda"], 16, 1024)])
+def test_bench_times_the_step_train_py_runs_with_the_same_flags(bench_flags, train_flags, grid, crop):
+    """bench.py's DACS + MFM step and train.py's, both built on the meta device: the same crop and mask grid."""
+    timed = bench.mode_args(bench.parse_args(["--device", "cpu", *bench_flags]), [])
+    trained = train.parse_args([*train_flags, "--pretrained", "none", "--device", "cpu"])
+    for targs in (timed, trained):
+        run, _, _ = bench.meta_step(targs)
+        assert (run.heads["rebuilder"].grid, targs.crop_size, targs.backbone) == (grid, crop, trained.backbone)

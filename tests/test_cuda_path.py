@@ -1,7 +1,7 @@
 """The CUDA path, tested on CPU where it can be: the step's host syncs (counted on the meta device), bf16
 autocast through every network and auxiliary with the teacher inside it, the gradient guard, a restart after a
 run died before its first checkpoint, DDP's unused-parameter search only where a branch leaves parameters out,
-and the out-of-memory message. Tests marked `cuda` run only where PyTorch sees a GPU (gpu_check.py runs them)."""
+and the out-of-memory message. Tests marked `cuda` run only where PyTorch sees a GPU (tools/gpu_check.py runs them)."""
 import json
 
 import pytest
@@ -9,7 +9,9 @@ import torch
 
 import bench
 import data
+import runtime
 import train
+from conftest import HostSyncCounter, meta_step_syncs
 
 TINY = ["--pretrained", "none", "--crop-size", "32", "--mfm-dim", "64", "--mfm-heads", "4", "--mfm-grid", "2"]
 CONFIGS = [["--backbone", "resnet18"], ["--backbone", "resnet18", "--source-only"],
@@ -34,13 +36,13 @@ def batch(device="cpu", size=32, seed=0):
 def test_a_training_step_waits_for_the_gpu_once(flags):
     """One host sync per step: the losses and the gradient norm read together. Random draws (ClassMix, jitter,
     blur, masks) are made on the device and no per-image torch.unique remains."""
-    counts = bench.meta_step_syncs(["--source", "gta", "--target", "cityscapes", *TINY, *flags])
+    counts = meta_step_syncs(["--source", "gta", "--target", "cityscapes", *TINY, *flags])
     assert counts == {"copy meta->cpu": 1.0}
 
 
 def test_the_sync_counter_sees_host_draws_copies_and_data_dependent_shapes():
     x = torch.rand(2, 3, device="meta")
-    with bench.HostSyncCounter() as counter:
+    with HostSyncCounter() as counter:
         torch.rand(2).to("meta")  # a CPU draw moved to the device
         torch.tensor([1.0, 2.0], device="meta")
         x.sum().item()
@@ -56,12 +58,12 @@ def test_the_sync_counter_sees_host_draws_copies_and_data_dependent_shapes():
 @pytest.mark.parametrize("flags", CONFIGS[:1] + CONFIGS[2:], ids=lambda f: " ".join(f[1:]))
 def test_bf16_autocast_runs_every_network_and_auxiliary_with_the_teacher_inside_it(flags):
     args = toy_args(*flags, "--dtype", "bf16")
-    train.set_seed(0)
+    runtime.set_seed(0)
     run = train.build_run(args, 19)
     seen = []
-    if run["teacher"] is not None:
-        forward = run["teacher"].forward
-        run["teacher"].forward = lambda x: seen.append(torch.is_autocast_enabled("cpu")) or forward(x)
+    if run.teacher is not None:
+        forward = run.teacher.forward
+        run.teacher.forward = lambda x: seen.append(torch.is_autocast_enabled("cpu")) or forward(x)
     for step in range(2):
         values, _ = train.train_step(run, *batch(), step, args)
         assert all(torch.isfinite(torch.tensor(v)) for v in values.values()), values
@@ -69,24 +71,25 @@ def test_bf16_autocast_runs_every_network_and_auxiliary_with_the_teacher_inside_
 
 
 def state(run):  # the weights (BatchNorm statistics move in any forward pass)
-    return {name: [p.detach().clone() for p in run[name].parameters()] for name in ("student", "teacher", "rebuilder")}
+    parts = dict(student=run.student, teacher=run.teacher, rebuilder=run.heads["rebuilder"])
+    return {name: [p.detach().clone() for p in part.parameters()] for name, part in parts.items()}
 
 
 def test_a_nan_gradient_reaches_no_weight_no_optimizer_moment_and_not_the_teacher():
     args = toy_args("--backbone", "resnet18")
-    train.set_seed(0)
+    runtime.set_seed(0)
     run = train.build_run(args, 19)
     train.train_step(run, *batch(), 0, args)  # AdamW moments exist from here on
-    before, moments = state(run), [t.clone() for s in run["optimizer"].state.values() for t in s.values()]
-    param = next(run["rebuilder"].parameters())  # finite losses, a NaN in one gradient (the MFM branch's)
+    before, moments = state(run), [t.clone() for s in run.optimizer.state.values() for t in s.values()]
+    param = next(run.heads["rebuilder"].parameters())  # finite losses, a NaN in one gradient (the MFM branch's)
     param.register_hook(lambda grad: grad * float("nan"))
     with pytest.raises(train.NonFiniteLoss, match="non-finite gradient: grad_norm = nan at step 1"):
         train.train_step(run, *batch(seed=1), 1, args)
     after = state(run)
     assert all(torch.equal(a, b) for name in before for a, b in zip(before[name], after[name]))
-    assert all(torch.equal(a, b) for a, b in zip(moments, [t for s in run["optimizer"].state.values()
+    assert all(torch.equal(a, b) for a, b in zip(moments, [t for s in run.optimizer.state.values()
                                                           for t in s.values()]))
-    assert all(p.grad is None for p in run["student"].parameters())
+    assert all(p.grad is None for p in run.student.parameters())
 
 
 def test_a_run_that_died_before_its_first_checkpoint_restarts_with_the_same_command(tmp_path, monkeypatch):
@@ -125,13 +128,13 @@ def test_ddp_searches_for_unused_parameters_only_when_the_last_branch_leaves_som
 
 
 def test_deterministic_mode_warns_instead_of_crashing_on_kernels_cuda_lacks():
-    train.set_seed(0, deterministic=True)
+    runtime.set_seed(0, deterministic=True)
     try:
         assert torch.are_deterministic_algorithms_enabled()
         assert torch.is_deterministic_algorithms_warn_only_enabled()
         assert not torch.backends.cuda.matmul.allow_tf32
     finally:
-        train.set_seed(0)
+        runtime.set_seed(0)
     assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cuda.matmul.allow_tf32
 
 
@@ -155,12 +158,21 @@ def test_running_out_of_gpu_memory_is_one_clear_message(monkeypatch, message, hi
         train.main(argv + ["--dtype", "fp32"])
 
 
+def test_running_out_of_memory_before_the_flags_are_read_is_the_same_message(monkeypatch):
+    """main's handler must not read flags it never got (it read an unbound `args` once)."""
+    def oom(argv):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(train, "parse_args", oom)
+    with pytest.raises(SystemExit, match="ran out of memory .* --batch-size, or --dtype bf16"):
+        train.main([])
+
+
 # ----------------------------------------------------------------------------- on a GPU only
 @cuda
 @pytest.mark.parametrize("backbone", ["resnet18", "mit_b0"])
 def test_cuda_step_is_finite_and_syncs_at_most_twice(backbone):
     args = toy_args("--backbone", backbone, "--aux", "mfm,mic", device="cuda")
-    train.set_seed(0)
+    runtime.set_seed(0)
     run = train.build_run(args, 19)
     x_src, y_src, x_tgt = (t.to("cuda") for t in batch())
     train.train_step(run, x_src, y_src, x_tgt, 0, args)
@@ -171,13 +183,13 @@ def test_cuda_step_is_finite_and_syncs_at_most_twice(backbone):
 @cuda
 def test_cuda_deterministic_step_runs():
     args = toy_args("--backbone", "resnet18", "--deterministic", device="cuda")
-    train.set_seed(0, deterministic=True)
+    runtime.set_seed(0, deterministic=True)
     try:
         run = train.build_run(args, 19)
         values, _ = train.train_step(run, *(t.to("cuda") for t in batch()), 0, args)
         assert all(torch.isfinite(torch.tensor(v)) for v in values.values())
     finally:
-        train.set_seed(0)
+        runtime.set_seed(0)
 
 
 @cuda
@@ -194,11 +206,11 @@ def test_cuda_and_cpu_compute_the_same_augmentation_and_mix_semantics():
 def test_each_rank_takes_its_gpu_also_where_the_launcher_shows_it_only_one(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
-    monkeypatch.setattr(train.dist, "init_process_group", lambda *a, **k: None)
-    monkeypatch.setattr(train.dist, "get_rank", lambda: 3)
+    monkeypatch.setattr(runtime.dist, "init_process_group", lambda *a, **k: None)
+    monkeypatch.setattr(runtime.dist, "get_rank", lambda: 3)
     for visible, expected in ((4, "cuda:3"), (1, "cuda:0")):  # a node's 4 GPUs; one GPU per process (e.g. SLURM)
         monkeypatch.setenv("LOCAL_RANK", "3")
         monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
         args = toy_args()
         args.device = "cuda"
-        assert train.setup_distributed(args) == (3, 4) and args.device == expected
+        assert runtime.setup_distributed(args) == (3, 4) and args.device == expected

@@ -28,7 +28,8 @@ try:
     train.main(sys.argv[1:])
 finally:
     run = held["run"]
-    torch.save({{name: run[name].state_dict() for name in ("student", "teacher", "rebuilder")}},
+    parts = dict(student=run.student, teacher=run.teacher, rebuilder=run.heads["rebuilder"])
+    torch.save({{name: part.state_dict() for name, part in parts.items()}},
                os.path.join(os.environ["RANK_OUT"], "rank" + os.environ["RANK"] + ".pt"))
 """
 

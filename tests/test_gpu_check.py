@@ -1,9 +1,13 @@
-"""gpu_check.py, the one command a lent GPU runs, proven on CPU at tiny sizes: every part runs and lands in the
+"""tools/gpu_check.py, the one command a lent GPU runs, proven on CPU at tiny sizes: every part runs and lands in the
 report (markdown + JSON) with the device named. Figures are only checked for being there, never compared."""
 import json
+import sys
+from pathlib import Path
 
-import gpu_check
 import train
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import gpu_check  # noqa: E402
 
 
 def test_gpu_check_runs_every_part_at_tiny_size_on_cpu(tmp_path, capsys):
@@ -17,7 +21,7 @@ def test_gpu_check_runs_every_part_at_tiny_size_on_cpu(tmp_path, capsys):
         hrda = name.endswith("HRDA")
         assert set(run["modes"]) == {"source-only", "dacs", "dacs+mfm", *(["dacs+mic", "dacs+mfm,mic"] if hrda else
                                                                          ["dacs+mfm fp32"])}
-        assert all(mode["host_syncs"] == 1 for mode in run["modes"].values())
+        assert all(mode["host_syncs"] is None for mode in run["modes"].values())  # CUDA only (test_cuda_path)
     assert parts["train"]["returncode"] == 0 and parts["train"]["step_s"] > 0
     assert parts["train"]["eval_mIoU"] is not None and parts["train"]["loader_images_per_s"]
     assert set(parts["compile"]) == {"eager", "compile (eager)"}

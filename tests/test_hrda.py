@@ -1,7 +1,9 @@
 """hrda.py at the tiny CPU recipe of HRDA.md §5 (MiT-B0 and the toy resnet18, crop 128, detail 64, K=19): the
 attention head's parameter counts (HRDA.md §1.3), the detail offsets, the fusion against a hand computation and
 where the detail may not reach (§1.4), the 9-crop teacher and the 3-window test geometry (§2), the 0.9/0.1 loss
-(§1.5), MFM through PerView (§4.2), MIC's mask in both views (§3), optimiser groups and rebuilding from config."""
+(§1.5), MFM on both views through HRDA.rebuild (§4.2), MIC's mask in both views (§3), optimiser groups and rebuilding from config."""
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +12,7 @@ from torch import nn
 import hrda
 import mfm
 import models
-from hrda import HRDAFeatures, HRDAOutput, PerView
+from hrda import HRDAFeatures, HRDAOutput
 
 K = 19
 OS = {"mit_b0": 4, "resnet18": 8}  # logit stride of each network
@@ -104,18 +106,18 @@ def test_views_and_shapes(backbone):
     model = tiny(backbone)
     feats = model.encode(torch.rand(2, 3, 128, 128))
     shapes = ([(32, 16, 16), (64, 8, 8), (160, 4, 4), (256, 2, 2)] if backbone == "mit_b0" else (512, 8, 8))
-    for view in (feats.lr, feats.hr):
+    for view in (feats.context, feats.detail):
         got = [tuple(f.shape[1:]) for f in view] if isinstance(view, list) else tuple(view.shape[1:])
         assert got == shapes
     out = model.decode(feats)
     assert out.fused.shape == (2, K, 128 // OS[backbone], 128 // OS[backbone])
-    assert out.hr.shape == (2, K, 64 // OS[backbone], 64 // OS[backbone]) and out.box == feats.box
+    assert out.detail.shape == (2, K, 64 // OS[backbone], 64 // OS[backbone]) and out.box == feats.box
 
 
-@pytest.mark.parametrize("backbone, att_rows, att_cols, hr_rows, hr_cols", [
+@pytest.mark.parametrize("backbone, att_rows, att_cols, detail_rows, detail_cols", [
     ("mit_b0", slice(3, 11), slice(5, 13), slice(6, 22), slice(10, 26)),  # box / 8 and box / 4
     ("resnet18", slice(1, 5), slice(2, 6), slice(3, 11), slice(5, 13))])  # int(box / 16) truncated, box / 8
-def test_fusion_equals_hand_computation(backbone, att_rows, att_cols, hr_rows, hr_cols):
+def test_fusion_equals_hand_computation(backbone, att_rows, att_cols, detail_rows, detail_cols):
     model = tiny(backbone).eval()  # eval: dropout off, so net.decode here and inside decode agree
     torch.manual_seed(1)
     x = torch.rand(2, 3, 128, 128)
@@ -123,13 +125,13 @@ def test_fusion_equals_hand_computation(backbone, att_rows, att_cols, hr_rows, h
     size = 128 // OS[backbone]
     with torch.no_grad():
         fused = model.decode(feats).fused
-        lr_seg, hr_seg = model.net.decode(feats.lr), model.net.decode(feats.hr)
-        att = torch.sigmoid(model.attention(feats.lr))
+        context_seg, detail_seg = model.net.decode(feats.context), model.net.decode(feats.detail)
+        att = torch.sigmoid(model.attention(feats.context))
     masked = torch.zeros_like(att)
     masked[..., att_rows, att_cols] = att[..., att_rows, att_cols]
     inserted = torch.zeros(2, K, size, size)
-    inserted[..., hr_rows, hr_cols] = hr_seg
-    expect = up(masked, size) * inserted + up((1 - masked) * lr_seg, size)
+    inserted[..., detail_rows, detail_cols] = detail_seg
+    expect = up(masked, size) * inserted + up((1 - masked) * context_seg, size)
     torch.testing.assert_close(fused, expect, atol=1e-6, rtol=1e-6)
 
 
@@ -143,18 +145,18 @@ def test_detail_only_inside_the_box(backbone, box, far):
     os, size = OS[backbone], 128 // OS[backbone]
     dist = distance_outside(size, [v // os for v in box])
     with torch.no_grad():
-        lr_up = up(model.net.decode(feats.lr), size)
-        hr_seg = model.net.decode(feats.hr)
+        context_up = up(model.net.decode(feats.context), size)
+        detail_seg = model.net.decode(feats.detail)
         fused = model.decode(feats).fused  # the learned (initial) attention: any attention
-        assert torch.equal(fused[..., dist >= far], lr_up[..., dist >= far])
-        assert not torch.allclose(fused[..., dist == far - 1], lr_up[..., dist == far - 1])  # the bound is tight
+        assert torch.equal(fused[..., dist >= far], context_up[..., dist >= far])
+        assert not torch.allclose(fused[..., dist == far - 1], context_up[..., dist == far - 1])  # the bound is tight
         model.attention = ConstAttention(-1e4)
-        assert torch.equal(model.decode(feats).fused, lr_up)
+        assert torch.equal(model.decode(feats).fused, context_up)
         model.attention = ConstAttention(1e4)
         y, x = box[0] // os, box[1] // os
         fused = model.decode(feats).fused[..., y + 1:y + 64 // os - 1, x + 1:x + 64 // os - 1]
         if box[0] % 16 == 0:  # exact attention slice: the box interior is pure detail
-            torch.testing.assert_close(fused, hr_seg[..., 1:-1, 1:-1])
+            torch.testing.assert_close(fused, detail_seg[..., 1:-1, 1:-1])
 
 
 def encoder_batches(model, monkeypatch):
@@ -176,8 +178,8 @@ def test_teacher_is_context_plus_nine_averaged_crops(backbone, monkeypatch):
     monkeypatch.undo()
     os, size = OS[backbone], 128 // OS[backbone]
     with torch.no_grad():
-        lr = model.net.encode(F.avg_pool2d(x, 2))
-        lr_seg, att = model.net.decode(lr), torch.sigmoid(model.attention(lr))
+        context = model.net.encode(F.avg_pool2d(x, 2))
+        context_seg, att = model.net.decode(context), torch.sigmoid(model.attention(context))
         canvas, counts = torch.zeros(2, K, size, size), torch.zeros(size, size)
         for y in (0, 32, 64):
             for x0 in (0, 32, 64):
@@ -186,7 +188,7 @@ def test_teacher_is_context_plus_nine_averaged_crops(backbone, monkeypatch):
                 counts[y // os:(y + 64) // os, x0 // os:(x0 + 64) // os] += 1
     band = torch.tensor([1.0, 2, 2, 1]).repeat_interleave(size // 4)
     assert torch.equal(counts, band[:, None] * band[None, :])  # corners 1, edges 2, centre 4
-    expect = up(att, size) * canvas / counts + up((1 - att) * lr_seg, size)  # unmasked attention
+    expect = up(att, size) * canvas / counts + up((1 - att) * context_seg, size)  # unmasked attention
     torch.testing.assert_close(out, expect, atol=1e-5, rtol=1e-4)
 
 
@@ -224,9 +226,9 @@ def test_loss_is_fused_0_9_plus_detail_0_1():
         return (per_pixel * w).mean()
 
     crop = (slice(None), slice(24, 88), slice(40, 104))
-    expect = 0.9 * ce(out.fused, label, weight) + 0.1 * ce(out.hr, label[crop], weight[crop])
+    expect = 0.9 * ce(out.fused, label, weight) + 0.1 * ce(out.detail, label[crop], weight[crop])
     torch.testing.assert_close(model.seg_loss(out, label, weight), expect)
-    expect = 0.9 * ce(out.fused, label, 0.7) + 0.1 * ce(out.hr, label[crop], 0.7)
+    expect = 0.9 * ce(out.fused, label, 0.7) + 0.1 * ce(out.detail, label[crop], 0.7)
     torch.testing.assert_close(model.seg_loss(out, label, 0.7), expect)
 
 
@@ -236,7 +238,8 @@ def test_mfm_gradients_reach_every_part(backbone, channels):
     rebuilder = mfm.Rebuilder(channels, embed_dim=64, grid=2, num_heads=4)  # grid = 64 / 32
     torch.manual_seed(1)
     x, pl, w = torch.rand(2, 3, 128, 128), torch.randint(0, K, (2, 128, 128)), torch.rand(2, 128, 128)
-    loss = mfm.mfm_loss(model.decode, PerView(rebuilder), model.encode(x), pl, w, loss_fn=model.seg_loss)
+    rebuild = functools.partial(model.rebuild, rebuilder)
+    loss = mfm.mfm_loss(model.decode, rebuild, model.encode(x), pl, w, loss_fn=model.seg_loss)
     loss.backward()
     for part in (model.net.backbone, model.net.head, model.attention, rebuilder):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
@@ -244,16 +247,17 @@ def test_mfm_gradients_reach_every_part(backbone, channels):
     assert rebuilder.mask_token.grad.abs().sum() > 0
 
 
-def test_per_view_draws_two_masks(monkeypatch):
+def test_rebuild_draws_one_mask_per_view(monkeypatch):
+    model = tiny("resnet18")
     torch.manual_seed(0)
     rebuilder = mfm.Rebuilder(512, embed_dim=64, grid=2, num_heads=4)
     keeps, draw = [], rebuilder.random_masking
     monkeypatch.setattr(rebuilder, "random_masking", lambda b, d: keeps.append(draw(b, d)) or keeps[-1])
     f = torch.randn(4, 512, 8, 8)
-    rebuilt, mask = PerView(rebuilder)(HRDAFeatures(f, f.clone(), (8, 16, 64, 64)))
+    rebuilt, mask = model.rebuild(rebuilder, HRDAFeatures(f, f.clone(), (8, 16, 64, 64)))
     assert len(keeps) == 2 and not torch.equal(keeps[0], keeps[1])
     assert torch.equal(mask, 1 - F.interpolate(keeps[0], size=(8, 8), mode="nearest"))  # the context's mask
-    assert rebuilt.box == (8, 16, 64, 64) and not torch.equal(rebuilt.lr, rebuilt.hr)
+    assert rebuilt.box == (8, 16, 64, 64) and not torch.equal(rebuilt.context, rebuilt.detail)
 
 
 def test_mic_mask_shows_in_both_views(monkeypatch):
@@ -286,7 +290,7 @@ def test_param_groups(backbone):
 def test_rebuild_from_config():
     model = tiny(scale=0.5, detail=0.5, divisible=16)
     assert model.config == dict(num_classes=K, backbone="mit_b0", drop_path=0.1, hrda=dict(
-        crop_size=128, scale=0.5, detail=0.5, divisible=16, hr_loss_weight=0.1))
+        crop_size=128, scale=0.5, detail=0.5, divisible=16, detail_loss_weight=0.1))
     clone = hrda.build_model(**model.config)
     assert isinstance(clone, hrda.HRDA) and clone.config == model.config and clone.crop_size == (128, 128)
     assert {k: v.shape for k, v in clone.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}

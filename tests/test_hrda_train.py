@@ -11,7 +11,9 @@ import bench
 import data
 import eval as evaluation
 import hrda
+import runtime
 import train
+from conftest import meta_step_syncs
 
 SMALL = ["--source", "gta", "--target", "cityscapes", "--recipe", "hrda", "--resize-scale", "0.125", "--crop-size",
          "64", "--pretrained", "none", "--mfm-dim", "64", "--mfm-heads", "4", "--iters", "2", "--eval-every", "2",
@@ -33,7 +35,7 @@ def test_every_hrda_recipe_trains_exports_and_evaluates(fake_data, tmp_path, fla
     assert exported["model_config"]["hrda"]["crop_size"] == 64
     assert any(k.startswith("attention.") for k in exported["model"])
     assert not any(k.startswith(("rebuilder", "teacher")) for k in exported["model"])
-    model, _ = train.models.model_from_checkpoint(out / "model.pt")
+    model, _ = runtime.model_from_checkpoint(out / "model.pt")
     assert isinstance(model, hrda.HRDA)
     evaluation.main(["--ckpt", str(out / "model.pt"), "--target", "cityscapes", "--data-root", str(fake_data),
                      "--workers", "0", "--device", "cpu"])  # at the training resolution (--resize-scale)
@@ -110,7 +112,7 @@ def test_hrda_side_margins_follow_the_crop_into_its_image():
 
 
 def test_hrda_step_waits_for_the_gpu_once():
-    counts = bench.meta_step_syncs(["--source", "gta", "--target", "cityscapes", "--recipe", "hrda", "--backbone",
+    counts = meta_step_syncs(["--source", "gta", "--target", "cityscapes", "--recipe", "hrda", "--backbone",
                                     "mit_b0", "--crop-size", "64", "--pretrained", "none", "--aux", "mfm,mic"])
     assert counts == {"copy meta->cpu": 1.0}
 
@@ -131,7 +133,7 @@ def test_flops_only_counts_every_hrda_mode_on_the_meta_device(capsys):
 def test_the_step_gives_hrda_margins_the_target_crops_frame(monkeypatch):
     args = train.parse_args(["--source", "toy-day", "--target", "toy-night", "--recipe", "hrda", "--crop-size", "64",
                              "--mfm-dim", "64", "--mfm-heads", "4", "--no-mfm", "--device", "cpu"])
-    train.set_seed(0)
+    runtime.set_seed(0)
     run = train.build_run(args, 19)
     seen, crop = [], baselines.pseudo_label_crop
     monkeypatch.setattr(baselines, "pseudo_label_crop", lambda *a, **k: seen.append(k) or crop(*a, **k))

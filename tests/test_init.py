@@ -103,10 +103,10 @@ def test_teacher_pseudo_labels_without_droppath_or_dropout():
     args, run = tiny_run()
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
-        assert not torch.equal(run["student"](x), run["student"](x))  # the stochastic layers are there
-        assert torch.equal(run["teacher"](x), run["teacher"](x))
-    label_1, q_1 = train.pseudo_label(run["teacher"], x, 0.2)
-    label_2, q_2 = train.pseudo_label(run["teacher"], x, 0.2)
+        assert not torch.equal(run.student(x), run.student(x))  # the stochastic layers are there
+        assert torch.equal(run.teacher(x), run.teacher(x))
+    label_1, q_1 = train.pseudo_label(run.teacher, x, 0.2)
+    label_2, q_2 = train.pseudo_label(run.teacher, x, 0.2)
     assert torch.equal(label_1, label_2) and torch.equal(q_1, q_2)
 
 

@@ -42,7 +42,7 @@ def wait_for(condition, proc, timeout=300):
 
 def weights(path):
     ckpt = torch.load(path, weights_only=True)
-    return {f"{part}.{k}": v for part in ("model", "teacher", "rebuilder") for k, v in (ckpt[part] or {}).items()}
+    return {f"{part}.{k}": v for part in ("model", "teacher", "rebuilder") for k, v in (ckpt.get(part) or {}).items()}
 
 
 def main_error(capsys, *argv):

@@ -1,9 +1,9 @@
 """Everything only a GPU can show, in one command: the prepared check for a lent CUDA machine (one H200: about
 6-8 minutes), and at tiny sizes on CPU (--tiny, about a minute) so that CI proves the script works first.
 
-    python gpu_check.py                  # on the GPU: writes gpu_check.md and gpu_check.json (device named)
-    python gpu_check.py --tiny           # CPU, tiny sizes: the same parts, the same report
-    python gpu_check.py --toy-effect     # the second run for what is left of a lease: DACS vs DACS + MFM on the
+    python tools/gpu_check.py                # on the GPU: writes gpu_check/gpu_check.md and .json (device named)
+    python tools/gpu_check.py --tiny         # CPU, tiny sizes: the same parts, the same report
+    python tools/gpu_check.py --toy-effect   # the second run for what is left of a lease: DACS vs DACS + MFM on the
                                          # toy at 256 px crops (MiT-B0, 2 seeds), reported as it comes out
 
 Parts (each recorded even if another one fails):
@@ -28,10 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import bench
-import train
+ROOT = Path(__file__).resolve().parents[1]  # the project's flat modules
+sys.path.insert(0, str(ROOT))
+import bench  # noqa: E402
+import train  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent
 FULL = dict(crop=512, hrda_crop=1024, bench_backbones=("resnet101-v1c", "mit_b5"), reps=6, warmup=3, iters=200,
             gta=(1914, 1052), cityscapes=(2048, 1024), images=32, compile_backbone="resnet101-v1c",
             compile_backend="inductor", device="cuda", dtype="bf16")
@@ -85,12 +86,10 @@ def part_train(s, out):
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         write_tree(root / "data", s)
-        argv = ["--source", "gta", "--target", "cityscapes", "--data-root", str(root / "data"), "--pretrained", "none",
-                "--crop-size", str(s["crop"]), "--iters", str(s["iters"]), "--eval-every", str(s["iters"]),
-                "--ckpt-every", str(s["iters"]), "--vis-every", "0", "--log-every", str(max(1, s["iters"] // 4)),
-                "--device", s["device"], "--out", str(root / "run")]
-        if s["device"] == "cpu":
-            argv += ["--backbone", s["compile_backbone"]]
+        argv = bench.train_argv("paper", data_root=root / "data", crop_size=s["crop"], iters=s["iters"],
+                                eval_every=s["iters"], ckpt_every=s["iters"], vis_every=0,
+                                log_every=max(1, s["iters"] // 4), device=s["device"], out=root / "run",
+                                backbone=s["compile_backbone"] if s["device"] == "cpu" else None)
         start = time.perf_counter()
         res = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], cwd=ROOT, text=True, capture_output=True,
                              timeout=900)
@@ -111,9 +110,8 @@ def part_train(s, out):
 def part_compile(s, out):
     result = {}
     for backend in (None, s["compile_backend"]):
-        argv = ["--source", "gta", "--target", "cityscapes", "--pretrained", "none", "--backbone",
-                s["compile_backbone"], "--crop-size", str(s["crop"]), "--device", s["device"], "--dtype", s["dtype"]]
-        args = train.parse_args(argv + (["--compile", backend] if backend else []))
+        args = train.parse_args(bench.train_argv("paper", backbone=s["compile_backbone"], crop_size=s["crop"],
+                                                 device=s["device"], dtype=s["dtype"], compile=backend))
         device, (_, step, _) = torch.device(args.device), bench.prepared_step(args)
         first = bench.timed(step, device)  # eager: cuDNN autotuning; compiled: tracing + code generation
         timing = bench.repeat(step, device, s["warmup"], s["reps"])
@@ -173,7 +171,7 @@ def main(argv=None):
         sys.exit("error: no CUDA GPU here; run with --tiny on CPU.")
     device = torch.cuda.get_device_name() if s["device"] == "cuda" else f"{bench.cpu_name()} (--tiny)"
     report = dict(device=device, torch=torch.__version__, settings=s, parts={},
-                  command=shlex.join(["python", "gpu_check.py", *(argv if argv is not None else sys.argv[1:])]))
+                  command=shlex.join(["python", "tools/gpu_check.py", *(argv if argv is not None else sys.argv[1:])]))
     start = time.perf_counter()
     for name in args.parts:
         print(f"gpu_check: {name} ...", file=sys.stderr, flush=True)
