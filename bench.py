@@ -295,7 +295,7 @@ def bench_inference(paths, args, device):
     """Load each exported model.pt as eval.py's users do; time one forward of a (1, 3, crop, 2*crop) image,
     the models taking turns so that a change in machine load hits them alike. paths: {label: path}."""
     layout = models.memory_format(device)  # as eval.py
-    loaded = {label: runtime.model_from_checkpoint(path, device)[0].to(memory_format=layout)
+    loaded = {label: evaluation.model_from_checkpoint(path, device)[0].to(memory_format=layout)
               for label, path in paths.items()}
     x = torch.rand(1, 3, args.crop_size, 2 * args.crop_size, device=device).contiguous(memory_format=layout)
     autocast = evaluation.autocast(device, args.dtype)

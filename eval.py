@@ -9,11 +9,13 @@ occur (in the labels or the predictions). SYNTHIA-trained models are also scored
     python eval.py --ckpt runs/demo/model.pt --target toy-night
     python eval.py --ckpt runs/gta/model.pt --target cityscapes --data-root data --save-pred preds/
 
-`evaluate()` is the function train.py runs for its periodic evaluation.
+`evaluate()` is the function train.py runs for its periodic evaluation; `model_from_checkpoint` rebuilds the network
+a train.py checkpoint describes (either family, HRDA too), for this file, bench.py and your own code.
 """
 import argparse
 import contextlib
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -23,8 +25,8 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import data
+import hrda
 import models
-import runtime
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}  # --dtype -> autocast dtype
@@ -36,6 +38,32 @@ def autocast(device, dtype):
     """Mixed precision as --dtype asks ('bf16', 'fp16' or 'fp32' = none) on `device`."""
     device = torch.device(device)
     return contextlib.nullcontext() if DTYPES[dtype] is None else torch.autocast(device.type, DTYPES[dtype])
+
+
+def json_safe(value):
+    """Nested dicts/lists with NaN/inf as None, for strict JSON (jq and JavaScript reject NaN)."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def read_checkpoint(path):  # model.pt / ckpt.pt of train.py: a dict with 'model' (state dict), 'model_config', ...
+    ckpt = models.read_weights(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise models.WeightsError(f"{path} is not a checkpoint written by train.py (expected the keys 'model' and "
+                                  "'model_config'; a bare ResNet/MiT state dict belongs in --pretrained).")
+    return ckpt
+
+
+def model_from_checkpoint(path, device="cpu"):
+    """The network a train.py checkpoint describes (either family, HRDA or not), its weights loaded -> (model in
+    eval mode, checkpoint)."""
+    ckpt = read_checkpoint(path)
+    model = hrda.build_model(**ckpt["model_config"])
+    models.load_strict(model, ckpt["model"], "model described by its own model_config", str(path))
+    return model.to(device).eval(), ckpt
 
 
 def confusion_matrix(label, pred, num_classes):
@@ -160,7 +188,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise data.DatasetError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu.")
-    model, ckpt = runtime.model_from_checkpoint(args.ckpt, args.device)
+    model, ckpt = model_from_checkpoint(args.ckpt, args.device)
     model = model.to(memory_format=models.memory_format(args.device))
     scale = ckpt.get("config", {}).get("resize_scale", 1.0)  # the training resolution (HRDA: 2x, 2048x1024)
     dataset = data.build_dataset(args.target, args.data_root, args.split, train=False,
@@ -175,7 +203,7 @@ def main(argv=None):
     print(format_table(result))
     out = Path(args.out) if args.out else Path(args.ckpt).parent
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(runtime.json_safe(result), indent=2, allow_nan=False))
+    (out / "metrics.json").write_text(json.dumps(json_safe(result), indent=2, allow_nan=False))
     print(f"wrote {out / 'metrics.json'}" + (f" and predictions under {args.save_pred}" if args.save_pred else ""))
 
 

@@ -1,9 +1,8 @@
-"""What a training run needs around the algorithm (train.py): seeds, torchrun, signals, the JSON log, the run
-folder, our checkpoints (written, resumed, read back: `model_from_checkpoint` rebuilds any network of ours)."""
+"""What a training run needs around the algorithm (train.py): seeds, torchrun (one DDP container for the trained
+modules), signals, the JSON log, the run folder, our checkpoints (written and resumed; eval.py reads them back)."""
 import contextlib
 import datetime
 import json
-import math
 import os
 import random
 import signal
@@ -13,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
-import hrda
+import eval as evaluation
 import models
 
 RESUMABLE = {"resume", "stop_at", "skip_nonfinite", "eval_every", "ckpt_every", "vis_every", "log_every",
@@ -57,6 +57,28 @@ def setup_distributed(args):
     return dist.get_rank(), world
 
 
+class Trainable(nn.Module):
+    """The trained modules in one container, so that one DistributedDataParallel covers them all:
+    trainable(branch) runs branch(container) -> one loss term of the step."""
+
+    def __init__(self, student, heads):
+        super().__init__()
+        self.student, self.heads = student, nn.ModuleDict(heads)
+
+    def forward(self, branch):
+        return branch(self)
+
+
+def trainable(student, heads, device, world, find_unused=False):
+    """Trainable(student, heads), wrapped in DDP under torchrun (it copies rank 0's weights to every rank; buffers,
+    i.e. BatchNorm statistics, stay per GPU). find_unused: a step leaves trained parameters without gradient."""
+    module = Trainable(student, heads)
+    if world == 1:
+        return module
+    return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                               broadcast_buffers=False, find_unused_parameters=find_unused)
+
+
 @contextlib.contextmanager
 def signals_to_flag():
     """While inside, SIGINT/SIGTERM append their name to the yielded list instead of killing the process: the
@@ -71,18 +93,9 @@ def signals_to_flag():
             signal.signal(sig, handler)
 
 
-def json_safe(value):
-    """Nested dicts/lists with NaN/inf as None, for strict JSON (jq and JavaScript reject NaN)."""
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
 def log(out, record):  # one line of strict JSON in log.jsonl
     with open(Path(out) / "log.jsonl", "a") as f:
-        f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
+        f.write(json.dumps(evaluation.json_safe(record), allow_nan=False) + "\n")
 
 
 def open_run_folder(out, args, world, start):
@@ -138,7 +151,7 @@ def restore_run(run, args, rank=0):
     Refuses a checkpoint of another config."""
     path = Path(args.out) / "ckpt.pt" if args.resume == "auto" else Path(args.resume)
     try:
-        ckpt = read_checkpoint(path)
+        ckpt = evaluation.read_checkpoint(path)
     except models.WeightsError as err:
         prev = path.with_name(path.stem + ".prev.pt")
         hint = f" The checkpoint before it is {prev}: --resume {prev}" if prev.exists() else ""
@@ -161,20 +174,3 @@ def restore_run(run, args, rank=0):
         state = state[(device.index or 0) % len(state)] if isinstance(state, list) else state
         torch.cuda.set_rng_state(state, device)
     return ckpt["step"]
-
-
-def read_checkpoint(path):  # model.pt / ckpt.pt of train.py: a dict with 'model' (state dict), 'model_config', ...
-    ckpt = models.read_weights(path)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
-        raise models.WeightsError(f"{path} is not a checkpoint written by train.py (expected the keys 'model' and "
-                                  "'model_config'; a bare ResNet/MiT state dict belongs in --pretrained).")
-    return ckpt
-
-
-def model_from_checkpoint(path, device="cpu"):
-    """The network a train.py checkpoint describes (either family, HRDA or not), its weights loaded -> (model in
-    eval mode, checkpoint)."""
-    ckpt = read_checkpoint(path)
-    model = hrda.build_model(**ckpt["model_config"])
-    models.load_strict(model, ckpt["model"], "model described by its own model_config", str(path))
-    return model.to(device).eval(), ckpt

@@ -227,18 +227,6 @@ def finish_step(run, losses, seen, step, args):
 
 
 # ----------------------------------------------------------------------------- the run
-class Trainable(nn.Module):
-    """The trained modules in one container, so that one DistributedDataParallel covers them all:
-    trainable(branch) runs branch(container) -> one loss term of the step."""
-
-    def __init__(self, student, heads):
-        super().__init__()
-        self.student, self.heads = student, nn.ModuleDict(heads)
-
-    def forward(self, branch):
-        return branch(self)
-
-
 @dataclass
 class Run:
     """What a step touches. teacher: the EMA copy (no heads; None with --source-only); imagenet: the frozen
@@ -275,11 +263,7 @@ def build_run(args, num_classes):
     student = student.to(memory_format=models.memory_format(device))
     aux = auxiliaries(args)
     heads = {a.head: a.build(student, args).to(device) for name, a in AUXILIARIES.items() if name in aux and a.head}
-    trainable = Trainable(student, heads)
-    if world > 1:  # buffers (BatchNorm statistics) stay per GPU
-        trainable = nn.parallel.DistributedDataParallel(
-            trainable, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
-            find_unused_parameters=leaves_parameters_unused(args))
+    trainable = runtime.trainable(student, heads, device, world, leaves_parameters_unused(args))
     imagenet = copy.deepcopy(student).eval().requires_grad_(False) if args.fd else None  # before any training
     teacher = None
     if args.mode != "source-only":

@@ -35,7 +35,7 @@ def test_no_import_circle():
 def test_the_networks_sit_below_whatever_rebuilds_them():
     assert imports(ROOT / "models.py") == {"mfm"}
     assert imports(ROOT / "hrda.py") == {"mfm", "models"}
-    assert "hrda" in imports(ROOT / "runtime.py")  # model_from_checkpoint rebuilds either kind
+    assert "hrda" in imports(ROOT / "eval.py")  # model_from_checkpoint rebuilds either kind
 
 
 def test_train_py_never_asks_which_network_it_holds():

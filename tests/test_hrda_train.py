@@ -35,7 +35,7 @@ def test_every_hrda_recipe_trains_exports_and_evaluates(fake_data, tmp_path, fla
     assert exported["model_config"]["hrda"]["crop_size"] == 64
     assert any(k.startswith("attention.") for k in exported["model"])
     assert not any(k.startswith(("rebuilder", "teacher")) for k in exported["model"])
-    model, _ = runtime.model_from_checkpoint(out / "model.pt")
+    model, _ = evaluation.model_from_checkpoint(out / "model.pt")
     assert isinstance(model, hrda.HRDA)
     evaluation.main(["--ckpt", str(out / "model.pt"), "--target", "cityscapes", "--data-root", str(fake_data),
                      "--workers", "0", "--device", "cpu"])  # at the training resolution (--resize-scale)

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+import eval as evaluation
 import models
-import runtime
 from models import DAFormer, DeepLabV2, WeightsError
 
 
@@ -135,7 +135,7 @@ def test_checkpoint_roundtrip(tmp_path):
     model = DeepLabV2(backbone="resnet18", num_classes=5)
     path = tmp_path / "model.pt"
     torch.save({"model": model.state_dict(), "model_config": model.config}, path)
-    loaded, ckpt = runtime.model_from_checkpoint(path)
+    loaded, ckpt = evaluation.model_from_checkpoint(path)
     x = torch.rand(1, 3, 32, 32)
     model.eval()
     assert torch.equal(loaded(x), model(x))
@@ -145,7 +145,7 @@ def test_checkpoint_roundtrip(tmp_path):
         DeepLabV2(backbone="resnet18", num_classes=19, pretrained=str(path))
     torch.save(model.state_dict(), path)
     with pytest.raises(WeightsError, match="not a checkpoint written by train.py"):
-        runtime.read_checkpoint(path)
+        evaluation.read_checkpoint(path)
 
 
 def test_unknown_backbone():
@@ -422,7 +422,7 @@ def test_daformer_checkpoint_roundtrip(tmp_path):
     model = DAFormer(4, "mit_b0", drop_path=0.2)
     path = tmp_path / "model.pt"
     torch.save({"model": model.state_dict(), "model_config": model.config}, path)
-    loaded, _ = runtime.model_from_checkpoint(path)
+    loaded, _ = evaluation.model_from_checkpoint(path)
     assert isinstance(loaded, DAFormer) and loaded.config == model.config and not loaded.training
     x = torch.rand(1, 3, 64, 32)
     with torch.no_grad():

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 import data
+import eval as evaluation
 import models
-import runtime
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +80,7 @@ def test_eval_checkpoint_accepts_ckpt_and_scores_like_a_brute_force(fake_data, t
     cli("eval.py", "--ckpt", run / "ckpt.pt", "--target", "cityscapes", "--data-root", fake_data, "--out", tmp_path,
         "--workers", 0)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    model, _ = runtime.model_from_checkpoint(run / "ckpt.pt")
+    model, _ = evaluation.model_from_checkpoint(run / "ckpt.pt")
     val = data.build_dataset("cityscapes", fake_data, "val", train=False)
     conf = np.zeros((19, 19), np.int64)
     with torch.no_grad():
