@@ -49,6 +49,9 @@ PAPER = dict(backbone="resnet101-v1c", pretrained="imagenet", crop_size=512, ite
              lr_rebuilder=2e-4, mfm_grid=16, eval_every=4000, ckpt_every=1000, vis_every=1000, log_every=50)
 TOY = dict(backbone="resnet18", pretrained="none", crop_size=64, iters=300, warmup=30, lr=1e-3,
            lr_rebuilder=1e-3, mfm_grid=4, eval_every=100, ckpt_every=100, vis_every=100, log_every=10)
+SETTINGS = {  # (--source, --target) -> its defaults; source = target: semi-supervised (--labeled N|FILE)
+    ("gta", "cityscapes"): PAPER, ("synthia", "cityscapes"): PAPER, ("toy-day", "toy-night"): TOY,
+    ("cityscapes", "cityscapes"): PAPER, ("toy-night", "toy-night"): TOY}
 DAFORMER = dict(rcs=True, fd=True, pl_crop=True, ema=0.999)  # --recipe daformer (METHOD.md §4), and hrda
 STOCHASTIC = (nn.Dropout, nn.Dropout2d, models.DropPath)  # off in the teacher (DAFormer); its BatchNorm trains
 
@@ -382,9 +385,9 @@ def parse_args(argv=None):
     def preset(key):
         return f"(default: {PAPER[key]}; toy pair: {TOY[key]})"
     g = p.add_argument_group("data")
-    g.add_argument("--source", required=True, choices=["gta", "synthia", "toy-day", "cityscapes", "toy-night"],
+    g.add_argument("--source", required=True, choices=sorted({s for s, _ in SETTINGS}),
                    help="labelled source domain; = --target with --labeled: semi-supervised")
-    g.add_argument("--target", required=True, choices=["cityscapes", "toy-night"], help="unlabelled target domain")
+    g.add_argument("--target", required=True, choices=sorted({t for _, t in SETTINGS}), help="unlabelled target domain")
     g.add_argument("--labeled", metavar="N|FILE", help="semi-supervised (--source = --target): N labelled train "
                    "images (a seeded draw, saved as OUT/labeled.txt) or a split file (UniMatch or U2PL format); "
                    "every train image is also an unlabelled target, as in ClassMix")
@@ -459,7 +462,10 @@ def parse_args(argv=None):
 def resolve(args):
     """Fill the domain-dependent defaults and check ranges; raises ConfigError naming the flag."""
     grid_given, crop_given, hr = args.mfm_grid is not None, args.crop_size is not None, args.recipe == "hrda"
-    defaults = TOY if args.target.startswith("toy") else PAPER
+    defaults = SETTINGS.get((args.source, args.target))
+    if defaults is None:
+        raise ConfigError(f"--source {args.source} --target {args.target} is not a setting of this code; choose "
+                          + ", ".join(f"{s} -> {t}" for s, t in SETTINGS) + " (source = target: semi-supervised).")
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -467,9 +473,6 @@ def resolve(args):
     args.resize_scale = args.resize_scale or (2.0 if hr else 1.0)
     if args.backbone in models.MITS and not grid_given:  # the last MiT stage of a 512 crop (HRDA: of a 512 view)
         args.mfm_grid = max(1, args.crop_size // (64 if hr else 32))  # is 16 x 16: the release's g
-    if args.source.startswith("toy") != args.target.startswith("toy"):
-        raise ConfigError(f"--source {args.source} and --target {args.target} do not share a label space setup: "
-                          "pair toy-day with toy-night, gta/synthia with cityscapes.")
     if (args.labeled is not None) != (args.source == args.target):
         raise ConfigError(f"--labeled is the semi-supervised setting: it needs --source = --target (cityscapes or "
                           f"toy-night), got --source {args.source} --target {args.target}"
