@@ -24,6 +24,12 @@ from mfm import IGNORE_INDEX
 MIC_BLOCK, MIC_RATIO = 32, 0.7  # MIC at the 512-crop / half-resolution setting (64 px at full resolution)
 CMIM_PATCH, CMIM_RATIO = 16, 0.5  # choice (S4MIM's values are unknown)
 CMIM_LAMBDA_AGG, CMIM_MAX_CLASSES = 0.1, 3  # choice
+# CMIM_FILL, *choice*: a class image's masked and other-class pixels take the mean colour of the class's visible
+# pixels (what the pair may see: no other class leaks in), not MIC's fill, the dataset mean, which is 0 after
+# normalisation. A class image is mostly fill; a from-scratch MiT (zero biases) turns a 0 fill into tokens that stay
+# exactly 0 through every stage, and each LayerNorm scales their gradient by 1/sqrt(eps) (1000 at eps 1e-6): NaN at
+# step 0 of `--backbone mit_b0 --aux cmim` from scratch, a gradient norm of 3.7e6 even with the pairs without a
+# visible pixel left out. With the class's mean it is DACS's order. S4MIM is silent on the fill.
 LAMBDA_FD = 0.005  # DAFormer ImageNet feature distance weight
 FD_RATIO = 0.75  # a cell counts if one class covers >= 75% of it (DAFormer)
 THING_CLASSES = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)  # trainIds: lights, signs, person ... bicycle (DAFormer)
@@ -48,9 +54,10 @@ def constant(values, like):
     return torch.stack([torch.full((), v, dtype=like.dtype, device=like.device) for v in values])
 
 
-def mask_image(x, keep):
-    """x (B, 3, H, W) in [0, 1], keep (B, 1, H, W) -> x where keep is 1, MASK_FILL elsewhere."""
-    fill = constant(MASK_FILL, x).view(1, 3, 1, 1)
+def mask_image(x, keep, fill=None):
+    """x (B, 3, H, W) in [0, 1], keep (B, 1, H, W) -> x where keep is 1, `fill` elsewhere (a tensor that
+    broadcasts to x; default MASK_FILL, MIC's)."""
+    fill = constant(MASK_FILL, x).view(1, 3, 1, 1) if fill is None else fill
     keep = keep.to(x.dtype)
     return x * keep + fill * (1 - keep)
 
@@ -85,9 +92,9 @@ class ClassWiseReconstructor(nn.Module):
 
 
 def _masked_mean(values, valid):
-    """Mean of values (N,) over valid (N,) entries; 0 (with graph) when none is valid. No host sync."""
-    valid = valid.float()
-    return (values * valid).sum() / valid.sum().clamp(min=1)
+    """Mean of values (N,) over valid (N,) entries; 0 (with graph) when none is valid. No host sync. The other
+    entries are selected away, not multiplied by 0, so whatever they hold (inf too) reaches neither sum nor grad."""
+    return torch.where(valid, values, 0).sum() / valid.float().sum().clamp(min=1)
 
 
 def _prototype(feats, area):
@@ -106,8 +113,9 @@ def cmim_loss(student, head, x_tgt, pseudo_label, weight=1.0, patch=CMIM_PATCH, 
       - classes come from the teacher's pseudo-labels, in the semi-supervised setting too (train.py --labeled: the
         unlabelled batch; the labelled batch's ground truth is not used), so the auxiliary is the same in both;
       - random_block_mask with 16-px patches, ratio 0.5; per (image, class) pair the input keeps only the visible
-        pixels of that class, the rest filled like MIC; pairs stacked on the batch (one encoder pass), at most
-        `max_classes` random classes per image (cost);
+        pixels of that class, the rest filled with their mean colour (CMIM_FILL); pairs stacked on the batch
+        (one encoder pass), at most `max_classes` random classes per image (cost); a pair whose class has no
+        visible pixel has nothing to rebuild from: it is selected out of the loss (its gradient is exactly 0);
       - target: the RGB image in [0, 1]; L1 (SimMIM) averaged over the class's masked pixels, times the confidence
         weight; pairs averaged. Head: 1x1 conv -> GELU -> 1x1 conv to 3*s*s -> pixel shuffle (s = output stride);
       - aggregation: the feature pooled over c's masked pixels is pulled toward the one pooled over c's visible
@@ -139,12 +147,10 @@ def cmim_loss(student, head, x_tgt, pseudo_label, weight=1.0, patch=CMIM_PATCH, 
     visible, masked = region * keep[sample], region * (1 - keep[sample])
     w = torch.as_tensor(weight, device=x_tgt.device).float().expand(B, H, W)[sample].unsqueeze(1)
 
-    # A from-scratch MiT (zero biases, SegFormer's init) turns the fill colour (0 after normalisation) into
-    # tokens that stay exactly 0 through every stage; each LayerNorm then scales their gradient by 1/sqrt(eps)
-    # (1000 at eps 1e-6) and a few dozen in a row overflow float32: the NaN gradients of `--backbone mit_b0
-    # --aux cmim` from scratch. ImageNet weights (non-zero biases) do not do this; train.py's gradient check
-    # stops or skips such a step before any weight changes.
-    feats = student.deepest(student.encode(mask_image(x_tgt[sample], visible)))  # (N, C, h, w): c's visible pixels
+    usable = valid & (visible.flatten(1).sum(1) > 0)  # a class with no visible pixel has nothing to rebuild from
+    images = x_tgt[sample]
+    fill = (images * visible).sum((2, 3), keepdim=True) / visible.sum((2, 3), keepdim=True).clamp(min=1)  # CMIM_FILL
+    feats = student.deepest(student.encode(mask_image(images, visible, fill)))  # (N, C, h, w): c's visible pixels
     error = (head(feats, (H, W)).float() - x_tgt[sample].float()).abs().mean(1, keepdim=True)  # (N, 1, H, W)
     count = masked.flatten(1).sum(1)
     recon = (error * masked * w).flatten(1).sum(1) / count.clamp(min=1)
@@ -157,7 +163,7 @@ def cmim_loss(student, head, x_tgt, pseudo_label, weight=1.0, patch=CMIM_PATCH, 
     agg = (1 - F.cosine_similarity(proto_mask, proto_vis, dim=1)) * confidence
     has_both = (area_mask.flatten(1).sum(1) > 0) & (area_vis.flatten(1).sum(1) > 0)
 
-    loss = _masked_mean(recon, count > 0) + lambda_agg * _masked_mean(agg, has_both)
+    loss = _masked_mean(recon, usable & (count > 0)) + lambda_agg * _masked_mean(agg, has_both)
     if return_parts:
         return loss, dict(recon=recon, agg=agg * has_both, sample=sample, cls=cls, keep=keep)
     return loss

@@ -137,7 +137,8 @@ def save_checkpoint(run, args, done):
     modules = dict(student=run.student, teacher=run.teacher, **run.heads)
     for name, module in modules.items():  # never write a NaN model over a good one
         if module is not None and not torch.stack([p.isfinite().all() for p in module.parameters()]).all():
-            raise NonFiniteLoss(f"the {name} weights hold NaN/inf after {done} iterations; not saving them")
+            raise NonFiniteLoss(f"the {name} weights hold NaN/inf after {done} iterations; not saving them (the "
+                                "last good checkpoint is untouched). Try --dtype fp32 or a lower --lr.")
     weights = export(run, args, done)
     state = dict(weights, **{name: m.state_dict() if m is not None else None for name, m in modules.items()
                              if name != "student"})

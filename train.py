@@ -220,13 +220,27 @@ def finish_step(run, losses, seen, step, args):
     bad = [k for k, v in values.items() if not math.isfinite(v)]
     if bad:
         run.optimizer.zero_grad(set_to_none=True)
-        what = "gradient" if bad == ["grad_norm"] else "loss"
-        raise NonFiniteLoss(f"non-finite {what}: {', '.join(f'{k} = {values[k]}' for k in bad)} at step {step}")
+        raise NonFiniteLoss(nonfinite_message(values, bad, step, args))
     run.scaler.step(run.optimizer)
     run.scaler.update()
     if run.teacher is not None:
         ema_update(run.teacher, run.student, step, args.ema)
     return values, seen
+
+
+def nonfinite_message(values, bad, step, args):
+    """What was NaN/inf at `step` (a loss, or only the gradient), with the advice that fits this run: a wider
+    precision only where it is not in use, the λ of the auxiliary that broke, the LR where the step itself did."""
+    term = [k[5:] for k in bad if k[5:] in AUXILIARIES or k == "loss_fd"]  # loss_mfm -> mfm
+    step_itself = bad == ["grad_norm"] or len(term) < len(set(bad) - {"grad_norm"})  # not only an auxiliary
+    advice = [f"--dtype fp32 (this run: {args.dtype})"] * (args.dtype != "fp32")
+    advice += [f"a smaller --lambda-{t} (now {getattr(args, 'lambda_' + t):g})" for t in term]
+    advice += [f"a lower --lr (now {args.lr:g})"] * step_itself
+    gradient = bad == ["grad_norm"]
+    return (f"non-finite {'gradient' if gradient else 'loss'}: {', '.join(f'{k} = {values[k]}' for k in bad)} at "
+            f"step {step}{' (every loss finite)' if gradient else ''}, in {args.dtype}. Stopped before the optimizer "
+            "step; the last good checkpoint is untouched. Try " + ", or ".join(
+                advice + ["--skip-nonfinite to skip such steps"]) + ".")
 
 
 # ----------------------------------------------------------------------------- the run
@@ -464,7 +478,7 @@ def resolve(args):
     grid_given, crop_given, hr = args.mfm_grid is not None, args.crop_size is not None, args.recipe == "hrda"
     defaults = SETTINGS.get((args.source, args.target))
     if defaults is None:
-        raise ConfigError(f"--source {args.source} --target {args.target} is not a setting of this code; choose "
+        raise ConfigError(f"--source {args.source} --target {args.target} is not a pair this code trains; choose "
                           + ", ".join(f"{s} -> {t}" for s, t in SETTINGS) + " (source = target: semi-supervised).")
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -521,11 +535,8 @@ def main(argv=None):
     try:
         args = parse_args(argv)
         return train(args)
-    except (ConfigError, data.DatasetError, models.WeightsError) as err:
+    except (ConfigError, NonFiniteLoss, data.DatasetError, models.WeightsError) as err:
         sys.exit(f"error: {err}")
-    except NonFiniteLoss as err:
-        sys.exit(f"error: {err}. Stopped; the last good checkpoint is untouched. Lower --lr, use --dtype "
-                 "fp32, or pass --skip-nonfinite to skip such steps.")
     except RuntimeError as err:  # cuDNN/cuBLAS report a failed allocation as a plain RuntimeError
         if not isinstance(err, torch.cuda.OutOfMemoryError) and "ALLOC_FAILED" not in str(err):
             raise

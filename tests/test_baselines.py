@@ -4,8 +4,10 @@ DAFormer feature distance (numpy brute force, zero-with-graph when empty) and ps
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import baselines
+import data
 import models
 from baselines import ClassWiseReconstructor, cmim_loss, feature_distance_loss, mic_loss, pseudo_label_crop
 from mfm import weighted_cross_entropy
@@ -93,6 +95,60 @@ def test_cmim_loss_is_finite_and_reaches_encoder_and_head():
     assert grads_reach(student.backbone[0], head)
 
 
+def test_cmim_trains_a_from_scratch_mit_at_the_toy_size_with_a_gradient_of_the_usual_order():
+    """The case that gave NaN at step 0 (`--backbone mit_b0 --aux cmim --pretrained none` on the toy): a class image
+    is mostly fill, and a fill of 0 after normalisation made exactly-zero tokens whose LayerNorm gradients overflow.
+    The same backward through the segmentation loss gives a norm of about 5; CMIM's must stay of that order."""
+    torch.manual_seed(0)
+    student = models.DAFormer(19, "mit_b0")
+    head = ClassWiseReconstructor(student.feat_channels[-1], student.feat_stride)
+    toy = data.build_dataset("toy-night", crop_size=64, seed=0)
+    x, pl = (torch.stack(t) for t in zip(*(toy[k] for k in range(2))))  # two 64-px toy crops and their labels
+    cmim_loss(student, head, x, pl, 1.0).backward()
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in student.parameters() if p.grad is not None]))
+    assert torch.isfinite(norm) and 0 < norm < 50, norm
+
+
+def test_cmim_pairs_without_a_visible_pixel_carry_no_loss_and_no_gradient(monkeypatch):
+    """A class whose every pixel is masked has nothing to rebuild from: its pair is selected out of the loss, so no
+    gradient reaches the encoder through it (the others' do)."""
+    x, pl = torch.rand(1, 3, 32, 32), striped_label(1, 32, classes=(0, 13))  # left half 0, right half 13
+    keep = torch.ones(1, 1, 32, 32)
+    keep[..., 16:] = 0  # class 13 entirely masked
+    keep[..., :4, :8] = 0  # class 0 partly masked: something to rebuild from what is visible
+    monkeypatch.setattr(baselines, "random_block_mask", lambda *a, **k: keep)
+    feats = []
+
+    class Probe(nn.Module):  # an encoder whose output gradient we can read per pair
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+        def encode(self, images):
+            feats.append(self.conv(images))
+            feats[-1].retain_grad()
+            return feats[-1]
+
+        def deepest(self, f):
+            return f
+    student, head = Probe(), ClassWiseReconstructor(8, stride=1, hidden=8)
+    loss, parts = cmim_loss(student, head, x, pl, 1.0, max_classes=2, return_parts=True)
+    loss.backward()
+    grad = feats[0].grad.flatten(1).abs().sum(1)  # (pairs,)
+    dead = parts["cls"] == 13
+    assert dead.sum() == 1 and grad[dead].item() == 0 and (grad[~dead] > 0).all()
+    assert torch.allclose(loss, parts["recon"][~dead].sum() + 0.1 * parts["agg"][~dead].sum())
+    assert parts["recon"][dead].item() > 0  # it had masked pixels to count, but nothing to rebuild them from
+
+
+def test_masked_mean_selects_rather_than_multiplies():
+    """An entry left out (an empty or unusable pair) may hold inf: 0 * inf would be NaN in the sum and its grad."""
+    values = torch.tensor([1.0, 3.0, float("inf")], requires_grad=True)
+    mean = baselines._masked_mean(values, torch.tensor([True, True, False]))
+    mean.backward()
+    assert mean.item() == 2.0 and values.grad.tolist() == [0.5, 0.5, 0.0]
+
+
 def test_cmim_class_loss_ignores_other_classes_pixels_and_equals_a_single_class_pass():
     student = deeplab().eval()  # eval-mode BatchNorm: each stacked class image is processed on its own
     head = ClassWiseReconstructor(student.feat_channels, hidden=16)
@@ -112,7 +168,8 @@ def test_cmim_class_loss_ignores_other_classes_pixels_and_equals_a_single_class_
     b, c = parts["sample"][i].item(), parts["cls"][i].item()
     region = (pl[b] == c).float()
     visible, masked = region * parts["keep"][b, 0], region * (1 - parts["keep"][b, 0])
-    image = x[b:b + 1] * visible + torch.tensor(models.IMAGENET_MEAN).view(1, 3, 1, 1) * (1 - visible)
+    fill = (x[b] * visible).sum((1, 2)) / visible.sum()  # the class's visible mean colour (CMIM_FILL)
+    image = x[b:b + 1] * visible + fill.view(1, 3, 1, 1) * (1 - visible)
     with torch.no_grad():
         rec = head(student.encode(image), (32, 32))[0]
     expected = ((rec - x[b]).abs().mean(0) * masked).sum() / masked.sum()

@@ -83,8 +83,11 @@ def test_a_nan_gradient_reaches_no_weight_no_optimizer_moment_and_not_the_teache
     before, moments = state(run), [t.clone() for s in run.optimizer.state.values() for t in s.values()]
     param = next(run.heads["rebuilder"].parameters())  # finite losses, a NaN in one gradient (the MFM branch's)
     param.register_hook(lambda grad: grad * float("nan"))
-    with pytest.raises(train.NonFiniteLoss, match="non-finite gradient: grad_norm = nan at step 1"):
+    with pytest.raises(train.NonFiniteLoss, match="non-finite gradient: grad_norm = nan at step 1") as stop:
         train.train_step(run, *batch(seed=1), 1, args)
+    advice = str(stop.value).split("Try ")[1]  # only the gradient: the LR, not a λ; fp32 already
+    assert "every loss finite" in str(stop.value) and "--lr" in advice and "--lambda" not in advice
+    assert "--dtype" not in advice
     after = state(run)
     assert all(torch.equal(a, b) for name in before for a, b in zip(before[name], after[name]))
     assert all(torch.equal(a, b) for a, b in zip(moments, [t for s in run.optimizer.state.values()
@@ -156,6 +159,22 @@ def test_running_out_of_gpu_memory_is_one_clear_message(monkeypatch, message, hi
     assert "out of memory" in text and "--crop-size" in text and "bf16" not in text.split("Try")[1]
     with pytest.raises(SystemExit, match="--dtype bf16"):  # suggested only where it is not in use
         train.main(argv + ["--dtype", "fp32"])
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_non_finite_auxiliary_loss_stops_with_advice_that_fits_the_run(tmp_path, monkeypatch, dtype):
+    """The message names the term and the precision; it offers --dtype fp32 only where that is not in use, and the
+    broken auxiliary's λ rather than the LR (the NaN gradient follows from the loss)."""
+    monkeypatch.setattr(train.baselines, "mic_loss", lambda student, x, *a, **k:
+                        student.decode(student.encode(x)).mean() * float("nan"))
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--source", "toy-day", "--target", "toy-night", *TINY, "--aux", "mic", "--iters", "1",
+                    "--dtype", dtype, "--eval-every", "0", "--vis-every", "0", "--out", str(tmp_path / "run")])
+    text = str(stop.value)
+    assert "non-finite loss: " in text and "loss_mic = nan" in text and f"at step 0, in {dtype}" in text
+    advice = text.split("Try ")[1]
+    assert "--lambda-mic (now 1)" in advice and "--skip-nonfinite" in advice and "--lr" not in advice
+    assert ("--dtype fp32" in advice) == (dtype == "bf16") == ("(this run: bf16)" in advice)
 
 
 def test_running_out_of_memory_before_the_flags_are_read_is_the_same_message(monkeypatch):
