@@ -577,9 +577,11 @@ def mmseg_config(state, source):
         return len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
     if "decode_head.embed_layers.0.proj.weight" in state and "decode_head.conv_seg.weight" in state:
         family, config = MITS, dict(num_classes=state["decode_head.conv_seg.weight"].shape[0])
-    elif "decode_head.aspp_modules.0.conv.weight" in state:  # the dilations are not in the weights: DLV2Head runs
-        dilations = {2: (6, 12), 4: (6, 12, 18, 24)}.get(count("decode_head.aspp_modules."))  # (6, 12) in the
-        family = RESNETS if dilations else ()  # benchmarks (configs/_base_/models/deeplabv2red_r50-d8.py:6)
+    elif "decode_head.aspp_modules.0.conv.weight" in state:  # the dilations are not in the weights: 2 convs are
+        # the benchmarks' (6, 12), 4 DeepLabV2's own (DAFormer@438603d1:configs/_base_/models/deeplabv2red_r50-d8.py:6,
+        # deeplabv2_r50-d8.py:21)
+        dilations = {2: (6, 12), 4: (6, 12, 18, 24)}.get(count("decode_head.aspp_modules."))
+        family = RESNETS if dilations else ()
         config = dict(num_classes=state["decode_head.aspp_modules.0.conv.weight"].shape[0], aspp_dilations=dilations)
     else:
         heads = ", ".join(sorted({".".join(k.split(".")[:2]) + ".*" for k in state if k.startswith("decode_head.")}))
@@ -604,7 +606,7 @@ def mmseg_config(state, source):
         raise WeightsError(f"{source} holds a {found} with a {'DAFormer' if family is MITS else 'DeepLabV2'} head: "
                            "not a network of ours (MiT-B0...B5 + DAFormer head, ResNet (V1c-101, 101, 50, 18) + "
                            "DeepLabV2 head with dilations (6, 12) or (6, 12, 18, 24)).")
-    return dict(config, backbone=backbone, **(dict(hrda=RELEASED_HRDA) if hr else {}))
+    return dict(config, backbone=backbone, **(dict(hrda=dict(RELEASED_HRDA)) if hr else {}))
 
 
 def describe(config):

@@ -12,12 +12,14 @@ import re
 
 import pytest
 import torch
+import torchvision
 
 import data
 import eval as evaluation
 import hrda
 import models
 import train
+from test_snippets import readme_blocks
 
 HEADS, K = 256, 19  # DAFormer's embedding / fusion width; Cityscapes classes
 B5 = (64, 128, 320, 512)
@@ -244,6 +246,31 @@ def test_fine_tuning_starts_from_a_released_checkpoint(fake_data, tmp_path):
     result = train.main([*small, "--recipe", "hrda", "--pretrained", str(path), "--iters", "2", "--eval-every", "2",
                          "--out", str(tmp_path / "run")])
     assert 0 <= result["mIoU"] <= 100
+
+
+def test_hrda_build_model_loads_encoder_files_into_its_encoder_and_whole_networks_everywhere(tmp_path):
+    """--recipe hrda --pretrained: ImageNet weights reach the wrapped network's encoder (HRDA.backbone), a whole HRDA
+    network of ours (written by train.py) every layer, the attention head included."""
+    resnet = torchvision.models.resnet18()
+    torch.save(resnet.state_dict(), tmp_path / "resnet18.pth")
+    model = hrda.build_model(K, "resnet18", str(tmp_path / "resnet18.pth"), hrda=dict(crop_size=64))
+    assert torch.equal(model.net.backbone[7][1].conv2.weight, resnet.layer4[1].conv2.weight)
+    ours = network(CONFIGS["resnet18 HRDA"], 4)
+    torch.save(dict(model=ours.state_dict(), model_config=ours.config), tmp_path / "model.pt")
+    warm = hrda.build_model(K, "resnet18", str(tmp_path / "model.pt"), hrda=dict(crop_size=64))
+    assert all(torch.equal(v, ours.state_dict()[k]) for k, v in warm.state_dict().items())
+
+
+def test_readme_snippet_loads_a_released_checkpoint(tmp_path, monkeypatch, capsys):
+    (code,) = readme_blocks("## Released checkpoints (DAFormer, HRDA, MIC)")
+    student = network(CONFIGS["mit_b0 HRDA"], 1)
+    write_released(tmp_path / "latest.pth", student, network(CONFIGS["mit_b0 HRDA"], 2))
+    monkeypatch.chdir(tmp_path)
+    ns = dict(images=torch.rand(2, 3, 64, 96))
+    exec(compile(code, "README.md", "exec"), ns)
+    with torch.no_grad():
+        assert torch.equal(ns["logits"], student(ns["images"]))
+    assert "the student (model.*) of a released checkpoint, mit_b0 + DAFormer head" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------ files that do not fit: one clear error each
