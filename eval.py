@@ -73,11 +73,13 @@ def released_checkpoint(ckpt, path, part="student"):
     config = models.mmseg_config(state, path)
     with torch.device("meta"):  # names and shapes only
         skeleton = hrda.build_model(**config)
-    trained_on = str(ckpt.get("meta", {}).get("config", ""))
+    hr, synthia = "hrda" in config, "SynthiaDataset" in str(ckpt.get("meta", {}).get("config", ""))
+    test = ("HRDA's sliding windows (1024, stride 512) over the image at 2x" if hr else "whole image at 1x") + \
+        " the DAFormer size" + ", trained on SYNTHIA (meta)" * synthia
     return dict(model=models.from_mmseg(skeleton, state, str(path)), model_config=config,
-                config=dict(resize_scale=2.0 if "hrda" in config else 1.0,
-                            source="synthia" if "SynthiaDataset" in trained_on else None),
-                released=f"the {part} ({models.UDA_PARTS[part]}*) of a released checkpoint, {models.describe(config)}")
+                config=dict(resize_scale=2.0 if hr else 1.0, source="synthia" if synthia else None),
+                released=f"the {part} ({models.UDA_PARTS[part]}*) of a released checkpoint, {models.describe(config)}; "
+                         f"scored as the anchors test: {test}")
 
 
 def model_from_checkpoint(path, device="cpu", part="student"):

@@ -166,13 +166,13 @@ def network(config, seed):
     return model.eval()
 
 
-def write_released(path, student, teacher=None, imagenet=None, trained_on="GTADataset", keep=lambda k: True):
+def write_released(path, student, teacher=None, imagenet=None, trained_on="GTADataset"):
     """An mmseg 0.16 UDA checkpoint as DAFormer/HRDA/MIC publish it (mmcv's save_checkpoint of the DACS wrapper)."""
     state = {}
     for prefix, net in (("model.", student), ("ema_model.", teacher), ("imnet_model.", imagenet)):
         if net is not None:
             names = net.mmseg_names()
-            state |= {prefix + names[k]: v.clone() for k, v in net.state_dict().items() if keep(names[k])}
+            state |= {prefix + names[k]: v.clone() for k, v in net.state_dict().items()}
     meta = dict(mmseg_version="0.16.0+abc1234", config=f"data = dict(train=dict(source=dict(type='{trained_on}')))",
                 CLASSES=data.CLASS_NAMES, PALETTE=[[128, 64, 128]] * K, env_info="sys.platform: linux", seed=0,
                 exp_name="gtaHR2csHR_hrda_246ef", iter=40_000, epoch=1, mmcv_version="1.3.7", time="Tue Feb 15")
@@ -223,8 +223,12 @@ def test_eval_py_scores_a_released_checkpoint_as_the_anchors_test(fake_data, tmp
         expected = evaluation.evaluate(student, data.build_dataset("cityscapes", fake_data, "val", train=False,
                                                                    resize=size), source="synthia", progress=False)
         assert result["mIoU"] == expected["mIoU"] and result["iou"] == evaluation.json_safe(expected)["iou"]
-    assert f"{path}: the student (model.*) of a released checkpoint, mit_b0 + DAFormer head, 19 classes, HRDA" \
-        in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "mit_b0.pth: the student (model.*) of a released checkpoint, mit_b0 + DAFormer head, 19 classes; scored " \
+        "as the anchors test: whole image at 1x the DAFormer size, trained on SYNTHIA (meta)" in out
+    assert f"{path}: the student (model.*) of a released checkpoint, mit_b0 + DAFormer head, 19 classes, HRDA; " \
+        "scored as the anchors test: HRDA's sliding windows (1024, stride 512) over the image at 2x the DAFormer " \
+        "size, trained on SYNTHIA (meta)" in out
 
 
 def test_fine_tuning_starts_from_a_released_checkpoint(fake_data, tmp_path):
