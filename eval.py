@@ -10,7 +10,8 @@ occur (in the labels or the predictions). SYNTHIA-trained models are also scored
     python eval.py --ckpt runs/gta/model.pt --target cityscapes --data-root data --save-pred preds/
 
 `evaluate()` is the function train.py runs for its periodic evaluation; `model_from_checkpoint` rebuilds the network
-a train.py checkpoint describes (either family, HRDA too), for this file, bench.py and your own code.
+a train.py checkpoint describes (either family, HRDA too), for this file, bench.py and your own code. It also reads
+the released checkpoints of DAFormer, HRDA and MIC (README "Released checkpoints"): python eval.py --ckpt latest.pth
 """
 import argparse
 import contextlib
@@ -49,18 +50,43 @@ def json_safe(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def read_checkpoint(path):  # model.pt / ckpt.pt of train.py: a dict with 'model' (state dict), 'model_config', ...
+def read_checkpoint(path, part=None):
+    """model.pt / ckpt.pt of train.py: a dict with 'model' (state dict), 'model_config', ... With `part` ('student'
+    or 'teacher'), also a released DAFormer/HRDA/MIC checkpoint, in that form (released_checkpoint)."""
     ckpt = models.read_weights(path)
+    if part is not None and models.mmseg_checkpoint(ckpt):
+        return released_checkpoint(ckpt, path, part)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise models.WeightsError(f"{path} is not a checkpoint written by train.py (expected the keys 'model' and "
-                                  "'model_config'; a bare ResNet/MiT state dict belongs in --pretrained).")
+                                  "'model_config'; a bare ResNet/MiT state dict or a released DAFormer/HRDA/MIC "
+                                  "checkpoint belongs in --pretrained).")
     return ckpt
 
 
-def model_from_checkpoint(path, device="cpu"):
-    """The network a train.py checkpoint describes (either family, HRDA or not), its weights loaded -> (model in
-    eval mode, checkpoint)."""
-    ckpt = read_checkpoint(path)
+def released_checkpoint(ckpt, path, part="student"):
+    """A released DAFormer/HRDA/MIC checkpoint (torch.load'ed) -> our checkpoint's form: 'model' (its `part` under our
+    names), 'model_config' (the network read from its keys and shapes, models.mmseg_config), 'config' (the test
+    resolution of the anchors: DAFormer's whole image at 1x, HRDA's sliding windows over the 2x image, HRDA.md §2;
+    the source, for mIoU16/13, from the training config saved in meta, DAFormer@438603d1:tools/train.py:154-161),
+    'released' (what was read, in words)."""
+    state = models.released_state(ckpt, path, part)
+    config = models.mmseg_config(state, path)
+    with torch.device("meta"):  # names and shapes only
+        skeleton = hrda.build_model(**config)
+    hr, synthia = "hrda" in config, "SynthiaDataset" in str(ckpt.get("meta", {}).get("config", ""))
+    test = ("HRDA's sliding windows (1024, stride 512) over the image at 2x" if hr else "whole image at 1x") + \
+        " the DAFormer size" + ", trained on SYNTHIA (meta)" * synthia
+    return dict(model=models.from_mmseg(skeleton, state, str(path)), model_config=config,
+                config=dict(resize_scale=2.0 if hr else 1.0, source="synthia" if synthia else None),
+                released=f"the {part} ({models.UDA_PARTS[part]}*) of a released checkpoint, {models.describe(config)}; "
+                         f"scored as the anchors test: {test}")
+
+
+def model_from_checkpoint(path, device="cpu", part="student"):
+    """The network a train.py checkpoint or a released DAFormer/HRDA/MIC checkpoint (its student, or with part=
+    'teacher' its EMA teacher) describes (either family, HRDA or not), its weights loaded -> (model in eval mode,
+    checkpoint)."""
+    ckpt = read_checkpoint(path, part)
     model = hrda.build_model(**ckpt["model_config"])
     models.load_strict(model, ckpt["model"], "model described by its own model_config", str(path))
     return model.to(device).eval(), ckpt
@@ -170,7 +196,10 @@ def format_table(result):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="model.pt (weights for inference) or ckpt.pt written by train.py")
+    p.add_argument("--ckpt", required=True, help="model.pt (weights for inference) or ckpt.pt written by train.py, "
+                   "or a released DAFormer/HRDA/MIC checkpoint (latest.pth; the network is read from its keys)")
+    p.add_argument("--uda-model", choices=["student", "teacher"], default="student", help="of a released "
+                   "checkpoint: its student (model.*, what their tools/test.py evaluates; default) or EMA teacher")
     p.add_argument("--target", default="cityscapes", help=f"dataset to score, one of {', '.join(data.DATASETS)}")
     p.add_argument("--split", default="val", help="split of --target (default: val)")
     p.add_argument("--data-root", default="data", help="folder holding gta/, cityscapes/, synthia/ (default: data)")
@@ -188,7 +217,9 @@ def main(argv=None):
     args = parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise data.DatasetError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu.")
-    model, ckpt = model_from_checkpoint(args.ckpt, args.device)
+    model, ckpt = model_from_checkpoint(args.ckpt, args.device, args.uda_model)
+    if "released" in ckpt:
+        print(f"{args.ckpt}: {ckpt['released']}")
     model = model.to(memory_format=models.memory_format(args.device))
     scale = ckpt.get("config", {}).get("resize_scale", 1.0)  # the training resolution (HRDA: 2x, 2048x1024)
     dataset = data.build_dataset(args.target, args.data_root, args.split, train=False,

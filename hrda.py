@@ -47,6 +47,16 @@ class HRDAOutput(NamedTuple):
     box: object
 
 
+# -> mmseg 0.16: HRDAHead's scale_attention is a second DAFormerHead whose fusion is one 1x1 ConvModule, or a
+# DLV2Head (HRDA@09af319d:mmseg/models/decode_heads/hrda_head.py:44-61, 75); names as models.DAFormer's table
+ATTENTION_RENAME = (
+    (r"attention\.embed\.(\d)\.(.+)", r"decode_head.scale_attention.embed_layers.\1.proj.\2"),
+    (r"attention\.fuse\.([01])\.(.+)",
+     lambda m: f"decode_head.scale_attention.fuse_layer.{models.CONV_BN[m[1]]}.{m[2]}"),
+    (r"attention\.classifier\.(.+)", r"decode_head.scale_attention.conv_seg.\1"),
+    (r"attention\.head\.convs\.(\d+)\.(.+)", r"decode_head.scale_attention.aspp_modules.\1.conv.\2"))
+
+
 class AttentionHead(nn.Module):
     """Scale attention (HRDA.md §1.3), raw logits (B, K, h_1, w_1); HRDA applies the sigmoid.
     feat_channels a list (DAFormer): per level Linear C_i->256, resized to level 1, concat, 1x1 conv + BN + ReLU,
@@ -195,6 +205,18 @@ class HRDA(nn.Module):
         tiles = upsample(self.infer_window(windows), boxes[0][2:])
         return average_tiles(tiles, [b[:2] for b in boxes], (H, W), x.shape[0])
 
+    @property
+    def backbone(self):
+        """The wrapped network's encoder: ImageNet weights load here (models.load_pretrained)."""
+        return self.net.backbone
+
+    def mmseg_names(self):
+        """{our key: its mmseg 0.16 name} (models.DAFormer.mmseg_names): the wrapped network's, with its decode head
+        under decode_head.head (hrda_head.py:69), and the attention head's under decode_head.scale_attention."""
+        inner = {f"net.{k}": name.replace("decode_head.", "decode_head.head.", 1)
+                 for k, name in self.net.mmseg_names().items()}
+        return {k: inner.get(k) or models.rename(k, ATTENTION_RENAME) for k in self.state_dict()}
+
     def param_groups(self, lr):
         """net's groups, plus the attention head in its own group at 10x lr (it sits in HRDA's decode head,
         which DAFormer's optimiser trains at 10x; HRDA.md §1.6 item 5)."""
@@ -220,6 +242,11 @@ class HRDA(nn.Module):
 
 def build_model(num_classes=19, backbone="resnet101-v1c", pretrained=None, hrda=None, **kw):
     """models.build_model, wrapped in HRDA(net, **hrda) when hrda is a dict of its settings (HRDA.config adds
-    them under "hrda"): build_model(**model.config) rebuilds either kind."""
-    net = models.build_model(num_classes, backbone, pretrained, **kw)
-    return net if hrda is None else HRDA(net, **hrda)
+    them under "hrda"): build_model(**model.config) rebuilds either kind. An HRDA model loads `pretrained` after
+    wrapping: ImageNet weights into its encoder, a whole network (ours, or a released HRDA/MIC one) everywhere."""
+    if hrda is None:
+        return models.build_model(num_classes, backbone, pretrained, **kw)
+    model = HRDA(models.build_model(num_classes, backbone, **kw), **hrda)
+    if pretrained not in (None, "none"):
+        models.load_pretrained(model, pretrained)
+    return model

@@ -25,7 +25,10 @@ wrapper, hrda.py, answers them for its two views). From mfm.py only the loss (we
     python models.py                # parameter counts and output shapes of every backbone (meta device, instant)
 """
 import argparse
+import copy
 import os
+import re
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -45,6 +48,7 @@ V1C_URL = "https://download.openmmlab.com/pretrain/third_party/resnet101_v1c-e67
 MIT_DEPTHS = dict(mit_b0=(2, 2, 2, 2), mit_b1=(2, 2, 2, 2), mit_b2=(3, 4, 6, 3), mit_b3=(3, 4, 18, 3),
                   mit_b4=(3, 8, 27, 3), mit_b5=(3, 6, 40, 3))
 MIT_HEADS, MIT_SR = (1, 2, 5, 8), (8, 4, 2, 1)  # all variants; MLP ratio 4 (METHOD.md §7)
+CONV_BN = {"0": "conv", "1": "bn"}  # our conv + BN Sequentials' indices -> mmcv ConvModule's names (see DAFormer)
 
 
 class WeightsError(Exception):
@@ -84,6 +88,11 @@ class _EncoderDecoder(nn.Module):
 
     def forward(self, x):
         return self.decode(self.encode(x))
+
+    def mmseg_names(self):
+        """{our state-dict key: the same tensor's key in mmseg 0.16 (the segmentor inside a released DAFormer/HRDA/MIC
+        checkpoint)} for every parameter and buffer, from the family's rename table `mmseg_rename`."""
+        return {key: rename(key, self.mmseg_rename) for key in self.state_dict()}
 
     def rebuild(self, rebuilder, feats):
         """MFM on this network: mfm.Rebuilder (or any such callable) on encode's output -> (rebuilt, mask)."""
@@ -151,6 +160,15 @@ class DeepLabV2(_EncoderDecoder):
     """backbone: the torchvision layout as nn.Sequential(conv1, bn1, relu, maxpool, layer1..4) (indices 0..7,
     as its existing checkpoints); for resnet101-v1c named (stem, maxpool, layer1..4), as open-mmlab's keys."""
     feat_stride = 8
+    # -> mmseg 0.16. resnet101-v1c: the same names as mmseg's ResNetV1c (stem.0/1/3/4/6/7, layerN.M.conv1-3/bn1-3/
+    # downsample.0/1: DAFormer@438603d1:mmseg/models/backbones/resnet.py _make_stem_layer, ResLayer); torchvision
+    # layout: indices 0, 1, 4-7 = mmseg's plain ResNet conv1, bn1, layer1-4. DLV2Head: no conv_seg, one conv with
+    # bias per dilation wrapped as ConvModule `.conv` (DAFormer@438603d1:mmseg/models/decode_heads/dlv2_head.py:17-26,
+    # aspp_head.py:33-41).
+    mmseg_rename = ((r"backbone\.0\.(.+)", r"backbone.conv1.\1"), (r"backbone\.1\.(.+)", r"backbone.bn1.\1"),
+                    (r"backbone\.([4-7])\.(.+)", lambda m: f"backbone.layer{int(m[1]) - 3}.{m[2]}"),
+                    (r"backbone\.(.+)", r"backbone.\1"),
+                    (r"head\.convs\.(\d+)\.(.+)", r"decode_head.aspp_modules.\1.conv.\2"))
 
     def __init__(self, num_classes=19, backbone="resnet101", aspp_dilations=(6, 12), pretrained=None):
         super().__init__()
@@ -281,6 +299,11 @@ def _init_weights(module):
             nn.init.zeros_(m.bias)
 
 
+def mit_widths(variant):
+    """Channels of the four MiT stages (METHOD.md §7)."""
+    return [32, 64, 160, 256] if variant == "mit_b0" else [64, 128, 320, 512]
+
+
 class MiT(nn.Module):
     """Mix Transformer encoder MiT-B0...B5. Stage i (1..4): patch_embed{i} (7x7 stride 4, then 3x3 stride 2) ->
     block{i}.* -> norm{i} (eps 1e-6) -> map. (B, 3, H, W) -> [(B, C_i, ceil(H/s_i), ceil(W/s_i))], s = 4, 8, 16, 32.
@@ -291,7 +314,7 @@ class MiT(nn.Module):
         if variant not in MIT_DEPTHS:
             raise WeightsError(f"unknown MiT variant {variant!r}; choose one of {', '.join(MITS)}.")
         depths = MIT_DEPTHS[variant]
-        self.channels = [32, 64, 160, 256] if variant == "mit_b0" else [64, 128, 320, 512]
+        self.channels = mit_widths(variant)
         n = sum(depths)
         rates = iter(drop_path * k / max(n - 1, 1) for k in range(n))  # plain floats: works on the meta device
         for i, (dim, depth) in enumerate(zip(self.channels, depths), start=1):
@@ -361,6 +384,19 @@ class DAFormerHead(nn.Module):
 class DAFormer(_EncoderDecoder):
     """MiT encoder (`backbone`) + DAFormer head (`head`). encode: 4 maps at strides 4..32; decode: stride 4."""
     feat_stride = 32
+    # -> mmseg 0.16. MiT: SegFormer's names, kept by DAFormer (DAFormer@438603d1:mmseg/models/backbones/
+    # mix_transformer.py). Head (DAFormer@438603d1:mmseg/models/decode_heads/daformer_head.py:139-151, configs/_base_/
+    # models/daformer_sepaspp_mitb5.py:9-16): embed_layers.i an MLP `.proj` (segformer_head.py:18-23); fuse_layer an
+    # ASPPWrapper (daformer_head.py:47-60): aspp_modules.0 a 1x1 ConvModule, .1-.3 DepthwiseSeparableConvModules
+    # (depthwise_conv, pointwise_conv: sep_aspp_head.py:18-27), bottleneck a 3x3 ConvModule; ConvModule = `.conv` +
+    # `.bn` (mmcv@056372fb:mmcv/cnn/bricks/norm.py:53-54); classifier = BaseDecodeHead.conv_seg (decode_head.py:87).
+    mmseg_rename = (
+        (r"backbone\.(.+)", r"backbone.\1"), (r"head\.embed\.(\d)\.(.+)", r"decode_head.embed_layers.\1.proj.\2"),
+        (r"head\.fusion\.0\.([01])\.(.+)", lambda m: f"decode_head.fuse_layer.aspp_modules.0.{CONV_BN[m[1]]}.{m[2]}"),
+        (r"head\.fusion\.(\d)\.([01])\.([01])\.(.+)", lambda m: f"decode_head.fuse_layer.aspp_modules.{m[1]}."
+         f"{('depthwise_conv', 'pointwise_conv')[int(m[2])]}.{CONV_BN[m[3]]}.{m[4]}"),
+        (r"head\.bottleneck\.([01])\.(.+)", lambda m: f"decode_head.fuse_layer.bottleneck.{CONV_BN[m[1]]}.{m[2]}"),
+        (r"head\.classifier\.(.+)", r"decode_head.conv_seg.\1"))
 
     def __init__(self, num_classes=19, backbone="mit_b5", pretrained=None, drop_path=0.1):
         super().__init__()
@@ -396,7 +432,8 @@ def read_weights(path):
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist. Pass a torchvision/open-mmlab ResNet or SegFormer "
-                           "mit_bX.pth state dict, a model.pt/ckpt.pt written by train.py, 'imagenet' or 'none'.")
+                           "mit_bX.pth state dict, a model.pt/ckpt.pt written by train.py, a released DAFormer/HRDA/"
+                           "MIC latest.pth, 'imagenet' or 'none'.")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated zip, a pickle of arbitrary objects, not a torch file at all, ...
@@ -409,6 +446,12 @@ def load_strict(module, state, what, source):
     num_batches_tracked may be absent (older files; PyTorch's own loader allows it): the model's value stays."""
     own = module.state_dict()
     state = {**{k: v for k, v in own.items() if k.endswith("num_batches_tracked")}, **state}
+    check_keys(own, state, what, source)
+    module.load_state_dict(state)
+
+
+def check_keys(own, state, what, source, hint=""):
+    """A WeightsError naming the keys of `state` missing from / unexpected in / shaped otherwise than `own`."""
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
@@ -418,8 +461,7 @@ def load_strict(module, state, what, source):
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
             if keys:
                 lines.append(f"  {label} ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}")
-        raise WeightsError("\n".join(lines))
-    module.load_state_dict(state)
+        raise WeightsError("\n".join(lines) + hint)
 
 
 def _imagenet_state(backbone):
@@ -444,7 +486,8 @@ def _imagenet_state(backbone):
 
 
 def load_pretrained(model, pretrained):
-    """Initialise `model` from 'imagenet' or a file: a checkpoint of ours (model.pt / ckpt.pt: the whole network),
+    """Initialise `model` (either family, or an HRDA wrapper: hrda.build_model) from 'imagenet' or a file: a whole
+    network (a checkpoint of ours, model.pt / ckpt.pt; or the student of a released DAFormer/HRDA/MIC checkpoint),
     or encoder weights: torchvision's ResNet state dict, open-mmlab's resnet101_v1c file (under `state_dict`),
     SegFormer's mit_bX.pth (flat; its `head.*` dropped). Encoder files load strictly 1:1 into model.backbone."""
     backbone = model.config["backbone"]
@@ -453,7 +496,10 @@ def load_pretrained(model, pretrained):
     if not isinstance(state, dict):
         raise WeightsError(f"{source} holds a {type(state).__name__}, expected a state dict.")
     if "model" in state and "model_config" in state:  # our checkpoints
-        load_strict(model, state["model"], "model (check --backbone and the number of classes)", source)
+        load_strict(model, state["model"], "model (check --backbone, the number of classes and --recipe hrda)", source)
+        return
+    if mmseg_checkpoint(state):
+        load_released(model, state, source)
         return
     for wrapper in ("state_dict", "model"):  # open-mmlab files, some SegFormer re-uploads
         if isinstance(state.get(wrapper), dict):
@@ -469,6 +515,138 @@ def load_pretrained(model, pretrained):
             ours[f"{rename[top]}.{rest}" if top in rename else key] = value
         state = ours
     load_strict(model.backbone, state, f"{backbone} backbone", source)
+
+
+# ---------------------------------------------------------------- released checkpoints of DAFormer, HRDA and MIC
+# An mmseg 0.16 file (`latest.pth` of each run folder they publish): {'meta', 'state_dict', 'optimizer'}; its
+# state_dict holds the UDA wrapper's networks, each a whole segmentor (backbone.*, decode_head.*), under its name:
+# DAFormer@438603d1:mmseg/models/uda/uda_decorator.py:29 (model), dacs.py:72-78 (ema_model; imnet_model with the
+# feature distance); HRDA@09af319d:mmseg/models/uda/dacs.py:79-85; MIC's DACS adds `mic`, without weights when it
+# shares the teacher (MIC@2d673279:seg/mmseg/models/uda/masking_consistency_module.py:37-41). The anchors evaluate
+# the student: tools/test.py builds the plain segmentor and loads the file with 'model.' stripped, so that the
+# ema_/imnet_ keys go unused (DAFormer@438603d1:tools/test.py:134-144; HRDA's and MIC's are the same), and the
+# wrapper's own inference runs get_model() = the student (uda_decorator.py:34-35, 87, 91).
+UDA_PARTS = {"student": "model.", "teacher": "ema_model.", "imagenet": "imnet_model."}
+# HRDA's settings in the released runs: 1024 crops, context x0.5, 512 detail crops, offsets divisible by 8; test
+# windows of 1024 at stride 512 (HRDA.md §1.2, §2): HRDA's defaults in hrda.py
+RELEASED_HRDA = dict(crop_size=1024)
+
+
+def rename(key, table):
+    """`key` through the first (regex, replacement) of `table` that matches all of it (a replacement is a template
+    or a function of the match)."""
+    for pattern, replacement in table:
+        match = re.fullmatch(pattern, key)
+        if match:
+            return replacement(match) if callable(replacement) else match.expand(replacement)
+    raise KeyError(f"{key}: no rule in the mmseg rename table")  # a layer the table misses: our bug, not the file's
+
+
+def mmseg_checkpoint(ckpt):
+    """Whether a loaded file is an mmseg segmentation checkpoint: a dict whose 'state_dict' holds whole networks
+    (a UDA wrapper's model.* / ema_model.*, or a plain segmentor's decode_head.*), not encoder weights."""
+    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    return isinstance(state, dict) and any(k.startswith(("model.", "ema_model.", "decode_head.")) for k in state)
+
+
+def released_state(ckpt, source, part="student"):
+    """One network of a released DAFormer/HRDA/MIC checkpoint, part 'student' (what the anchors evaluate),
+    'teacher' or 'imagenet' (UDA_PARTS) -> its state dict under the official names, the prefix removed."""
+    state, prefix = ckpt["state_dict"], UDA_PARTS[part]
+    if not any(k.startswith(("model.", "ema_model.")) for k in state):
+        raise WeightsError(f"{source} is a plain mmseg segmentor checkpoint (keys backbone.*, decode_head.*), not one "
+                           "of DAFormer, HRDA or MIC: those hold the UDA wrapper's networks, model.* (student), "
+                           "ema_model.* (teacher), imnet_model.* (ImageNet copy), and only those are read here.")
+    picked = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not picked:
+        found = ", ".join(sorted({k.split(".")[0] + ".*" for k in state}))
+        raise WeightsError(f"{source} holds no {part} network ({prefix}*), only {found}.")
+    return picked
+
+
+def mmseg_config(state, source):
+    """The network a released state dict (official names, released_state) holds, read from its keys and shapes ->
+    hrda.build_model's kwargs (hrda=RELEASED_HRDA for an HRDA network). A WeightsError names what is none of ours:
+    MiT-B0...B5 + DAFormer head, ResNet (V1c-101, 101, 50, 18) + DeepLabV2 head."""
+    hr = any(k.startswith("decode_head.scale_attention.") for k in state)  # HRDA@09af319d:.../hrda_head.py:69, 75
+    if hr:  # the segmentation head, shared by both scales, sits under decode_head.head
+        state = {k.replace("decode_head.head.", "decode_head.", 1): v for k, v in state.items()
+                 if not k.startswith("decode_head.scale_attention.")}
+
+    def count(prefix):  # the distinct blocks under prefix
+        return len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
+    if "decode_head.embed_layers.0.proj.weight" in state and "decode_head.conv_seg.weight" in state:
+        family, config = MITS, dict(num_classes=state["decode_head.conv_seg.weight"].shape[0])
+    elif "decode_head.aspp_modules.0.conv.weight" in state:  # the dilations are not in the weights: 2 convs are
+        # the benchmarks' (6, 12), 4 DeepLabV2's own (DAFormer@438603d1:configs/_base_/models/deeplabv2red_r50-d8.py:6,
+        # deeplabv2_r50-d8.py:21)
+        dilations = {2: (6, 12), 4: (6, 12, 18, 24)}.get(count("decode_head.aspp_modules."))
+        family = RESNETS if dilations else ()
+        config = dict(num_classes=state["decode_head.aspp_modules.0.conv.weight"].shape[0], aspp_dilations=dilations)
+    else:
+        heads = ", ".join(sorted({".".join(k.split(".")[:2]) + ".*" for k in state if k.startswith("decode_head.")}))
+        raise WeightsError(f"{source}: its decode head ({heads or 'none'}) is neither DAFormer's (embed_layers, "
+                           "fuse_layer, conv_seg) nor a DeepLabV2 head with 2 or 4 dilations (aspp_modules).")
+    if "backbone.patch_embed1.proj.weight" in state:
+        depths = tuple(count(f"backbone.block{i}.") for i in range(1, 5))
+        widths = [state.get(f"backbone.patch_embed{i}.proj.weight", torch.empty(0)).shape[0] for i in range(1, 5)]
+        found = f"MiT with depths {depths} and widths {widths}"
+        backbone = next((v for v in MITS if MIT_DEPTHS[v] == depths and mit_widths(v) == widths), found)
+    elif "backbone.layer1.0.conv1.weight" in state:
+        blocks = tuple(count(f"backbone.layer{i}.") for i in range(1, 5))
+        bottleneck = "backbone.layer1.0.conv3.weight" in state
+        depth = {(3, 4, 23, 3, True): 101, (3, 4, 6, 3, True): 50, (2, 2, 2, 2, False): 18}.get(blocks + (bottleneck,))
+        v1c = "backbone.stem.0.weight" in state  # ResNetV1c's deep stem instead of conv1
+        backbone = f"resnet{depth}{'-v1c' * v1c}" if depth else f"ResNet with {blocks} blocks"
+        found = f"ResNet{'V1c' * v1c}-{depth or '?'}"
+    else:
+        backbone = found = "backbone " + ", ".join(sorted({".".join(k.split(".")[:2]) for k in state
+                                                            if k.startswith("backbone.")}) or ["missing"])
+    if backbone not in family:
+        raise WeightsError(f"{source} holds a {found} with a {'DAFormer' if family is MITS else 'DeepLabV2'} head: "
+                           "not a network of ours (MiT-B0...B5 + DAFormer head, ResNet (V1c-101, 101, 50, 18) + "
+                           "DeepLabV2 head with dilations (6, 12) or (6, 12, 18, 24)).")
+    return dict(config, backbone=backbone, **(dict(hrda=dict(RELEASED_HRDA)) if hr else {}))
+
+
+def describe(config):
+    """build_model kwargs in words: 'mit_b5 + DAFormer head, 19 classes, HRDA'."""
+    head = "DAFormer head" if config["backbone"] in MITS else f"DeepLabV2 head {config.get('aspp_dilations', (6, 12))}"
+    return f"{config['backbone']} + {head}, {config['num_classes']} classes" + ", HRDA" * ("hrda" in config)
+
+
+def from_mmseg(model, state, source):
+    """A released network's state dict (official names) -> the same tensors under `model`'s names, checked 1:1
+    against model.mmseg_names() first: a WeightsError names, in the file's names, every key missing, unexpected or
+    of another shape, and says which network the file holds. `model` may live on the meta device."""
+    names = model.mmseg_names()
+    own = {names[k]: v for k, v in model.state_dict().items()}
+    filled = {**{k: v for k, v in own.items() if k.endswith("num_batches_tracked")}, **state}  # as load_strict
+    try:
+        hint = f"\n  The file holds {describe(mmseg_config(state, source))}."
+    except WeightsError as err:
+        hint = f"\n  {err}"
+    check_keys(own, filled, f"network {describe(model.config)}", source, hint)
+    ours = {official: key for key, official in names.items()}
+    return {ours[k]: v for k, v in state.items()}
+
+
+def load_released(model, ckpt, source, part="student"):
+    """`part` of a released DAFormer/HRDA/MIC checkpoint (a torch.load'ed dict) into `model`, every key checked."""
+    load_strict(model, from_mmseg(model, released_state(ckpt, source, part), source), "model", source)
+
+
+def imagenet_copy(student, pretrained):
+    """DAFormer's frozen ImageNet network for the feature distance: a copy of `student` before any training, in eval
+    mode, without gradients. Started from a released DAFormer/HRDA/MIC checkpoint: that run's own ImageNet copy
+    (imnet_model.*), not the adapted student it starts from."""
+    frozen = copy.deepcopy(student).eval().requires_grad_(False)
+    ckpt = None if pretrained in (None, "none", "imagenet") else read_weights(pretrained)
+    if mmseg_checkpoint(ckpt) and any(k.startswith(UDA_PARTS["imagenet"]) for k in ckpt["state_dict"]):
+        load_released(frozen, ckpt, str(pretrained), "imagenet")
+    elif mmseg_checkpoint(ckpt):  # *choice*: a run without the feature distance saved no ImageNet copy
+        warnings.warn(f"{pretrained} holds no imnet_model.*: the feature distance pulls towards its student instead")
+    return frozen
 
 
 def atomic_save(obj, path, keep_previous=False):

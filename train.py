@@ -281,7 +281,7 @@ def build_run(args, num_classes):
     aux = auxiliaries(args)
     heads = {a.head: a.build(student, args).to(device) for name, a in AUXILIARIES.items() if name in aux and a.head}
     trainable = runtime.trainable(student, heads, device, world, leaves_parameters_unused(args))
-    imagenet = copy.deepcopy(student).eval().requires_grad_(False) if args.fd else None  # before any training
+    imagenet = models.imagenet_copy(student, args.pretrained) if args.fd else None  # before any training
     teacher = None
     if args.mode != "source-only":
         teacher = copy.deepcopy(student).requires_grad_(False)
@@ -414,7 +414,8 @@ def parse_args(argv=None):
     g.add_argument("--backbone", choices=models.BACKBONES, help="dilated ResNet (DeepLabV2 head) or MiT (DAFormer "
                    f"head) {preset('backbone')}")
     g.add_argument("--pretrained", help="imagenet | none | PATH (ImageNet weights as downloaded: torchvision, "
-                   f"open-mmlab resnet101_v1c, SegFormer mit_bX.pth; or one of our checkpoints) {preset('pretrained')}")
+                   "open-mmlab resnet101_v1c, SegFormer mit_bX.pth; or a whole network: one of our checkpoints, or the "
+                   f"student of a released DAFormer/HRDA/MIC latest.pth) {preset('pretrained')}")
     g.add_argument("--iters", type=int, help=f"training iterations; the LR reaches 0 here {preset('iters')}")
     g.add_argument("--lr", type=float, help=f"AdamW LR of the encoder; the head gets 10x {preset('lr')}")
     g.add_argument("--warmup", type=int, help=f"linear warm-up iterations, then lr*(1-t/iters) {preset('warmup')}")
