@@ -221,5 +221,7 @@ class HRDA(nn.Module):
 def build_model(num_classes=19, backbone="resnet101-v1c", pretrained=None, hrda=None, **kw):
     """models.build_model, wrapped in HRDA(net, **hrda) when hrda is a dict of its settings (HRDA.config adds
     them under "hrda"): build_model(**model.config) rebuilds either kind."""
+    if hrda is not None and backbone in models.DLV3P:  # AttentionHead takes DeepLabV2's map or MiT's list, no dict
+        raise models.WeightsError(f"--recipe hrda runs DeepLabV2 and DAFormer networks, not {backbone}.")
     net = models.build_model(num_classes, backbone, pretrained, **kw)
     return net if hrda is None else HRDA(net, **hrda)
