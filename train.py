@@ -10,6 +10,7 @@ Each loss is backpropagated on its own, so peak memory is that of one branch, no
     python train.py --source gta --target cityscapes --no-mfm        # the DACS baseline
     python train.py --source gta --target cityscapes --backbone mit_b5 --pretrained mit_b5.pth --recipe daformer
     python train.py --source cityscapes --target cityscapes --labeled 372   # semi-supervised (S4MIM's setting)
+    python train.py --source voc --target voc --labeled 1464     # PASCAL VOC: DeepLabV3+, UniMatch's values (README)
     torchrun --nproc_per_node 4 train.py --source gta --target cityscapes   # several GPUs, --batch-size per GPU
 
 The output folder gets config.json, log.jsonl, ckpt.pt (resume with --resume), model.pt (the final weights for
@@ -46,12 +47,17 @@ from runtime import ConfigError, NonFiniteLoss
 # Defaults that depend on the domain pair: the paper's recipe for the real datasets, a CPU-sized one for the toy.
 # resnet101-v1c: the DeepLabV2 backbone of the DAFormer/MIC code bases the paper's 55.9 comes from (METHOD.md §2).
 PAPER = dict(backbone="resnet101-v1c", pretrained="imagenet", crop_size=512, iters=40_000, warmup=1500, lr=6e-5,
-             lr_rebuilder=2e-4, mfm_grid=16, eval_every=4000, ckpt_every=1000, vis_every=1000, log_every=50)
+             lr_rebuilder=2e-4, mfm_grid=16, eval_every=4000, ckpt_every=1000, vis_every=1000, log_every=50,
+             pseudo_threshold=0.968)  # DACS's confidence threshold
 TOY = dict(backbone="resnet18", pretrained="none", crop_size=64, iters=300, warmup=30, lr=1e-3,
-           lr_rebuilder=1e-3, mfm_grid=4, eval_every=100, ckpt_every=100, vis_every=100, log_every=10)
+           lr_rebuilder=1e-3, mfm_grid=4, eval_every=100, ckpt_every=100, vis_every=100, log_every=10,
+           pseudo_threshold=0.968)
+# UniMatch's VOC values (configs/pascal.yaml:4,16,19-22: crop 321, threshold 0.95, DeepLabV3+ R101) in our loop: AdamW
+# and 40k iterations of 2 + 2 as PAPER (theirs: SGD 1e-3, ~91k of 8 + 8); MFM grid 10 = 32-px cells, as g = 16 at 512.
+VOC = dict(PAPER, backbone="deeplabv3plus-resnet101", crop_size=321, pseudo_threshold=0.95, mfm_grid=10)
 SETTINGS = {  # (--source, --target) -> its defaults; source = target: semi-supervised (--labeled N|FILE)
     ("gta", "cityscapes"): PAPER, ("synthia", "cityscapes"): PAPER, ("toy-day", "toy-night"): TOY,
-    ("cityscapes", "cityscapes"): PAPER, ("toy-night", "toy-night"): TOY}
+    ("cityscapes", "cityscapes"): PAPER, ("toy-night", "toy-night"): TOY, ("voc", "voc"): VOC}
 DAFORMER = dict(rcs=True, fd=True, pl_crop=True, ema=0.999)  # --recipe daformer (METHOD.md §4), and hrda
 STOCHASTIC = (nn.Dropout, nn.Dropout2d, models.DropPath)  # off in the teacher (DAFormer); its BatchNorm trains
 
@@ -299,7 +305,7 @@ def train(args):
         keys = data.labeled_split(args.target, args.data_root, args.labeled, args.seed)  # N or a split file
     if rank > 0:  # rank 0 first: it writes the RCS statistics cache that the others then read
         dist.barrier()
-    size = {name: tuple(round(v * args.resize_scale) for v in data.RESIZE[name]) for name in data.RESIZE}
+    size = {name: s and tuple(round(v * args.resize_scale) for v in s) for name, s in data.RESIZE.items()}
     src = data.build_dataset(args.source, args.data_root, "train", crop_size=args.crop_size, seed=args.seed,
                              rcs=args.rcs, rcs_cache=out / "rcs_stats.json", keys=keys, source=True,
                              resize=size[args.source])
@@ -352,7 +358,7 @@ def train(args):
                 tick, logged = time.time(), done
             if values and picture:
                 evaluation.save_training_picture(out / "vis" / f"step_{done:06d}.png", run.student, x_src, y_src,
-                                                 x_tgt, seen)
+                                                 x_tgt, seen, data.label_set(args.target)[1])
             if rank == 0 and args.eval_every and (done % args.eval_every == 0 or done == args.iters):
                 result = evaluation.evaluate(run.student, val, args.device, evaluation.DTYPES[args.dtype],
                                              args.source, num_workers=args.workers)
@@ -383,7 +389,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def preset(key):
-        return f"(default: {PAPER[key]}; toy pair: {TOY[key]})"
+        return f"(default: {PAPER[key]}; toy pair: {TOY[key]}; voc: {VOC[key]})"
     g = p.add_argument_group("data")
     g.add_argument("--source", required=True, choices=sorted({s for s, _ in SETTINGS}),
                    help="labelled source domain; = --target with --labeled: semi-supervised")
@@ -391,14 +397,14 @@ def parse_args(argv=None):
     g.add_argument("--labeled", metavar="N|FILE", help="semi-supervised (--source = --target): N labelled train "
                    "images (a seeded draw, saved as OUT/labeled.txt) or a split file (UniMatch or U2PL format); "
                    "every train image is also an unlabelled target, as in ClassMix")
-    g.add_argument("--data-root", default="data", help="folder with gta/, synthia/, cityscapes/ (default: data)")
+    g.add_argument("--data-root", default="data", help="folder with gta/, synthia/, cityscapes/, voc/ (default: data)")
     g.add_argument("--crop-size", type=int, help=f"square random crop after the recipe's resize {preset('crop_size')}")
     g.add_argument("--batch-size", type=int, default=2, help="source and target images per step and GPU (default: 2)")
     g.add_argument("--workers", type=int, default=None, help="DataLoader processes (default: 4 on CUDA, 0 on CPU)")
     g.add_argument("--rcs", action="store_true", help="rare class sampling of source images (DAFormer, T=0.01)")
     g = p.add_argument_group("model and optimisation")
-    g.add_argument("--backbone", choices=models.BACKBONES, help="dilated ResNet (DeepLabV2 head) or MiT (DAFormer "
-                   f"head) {preset('backbone')}")
+    g.add_argument("--backbone", choices=models.BACKBONES, help="dilated ResNet (DeepLabV2 head), MiT (DAFormer "
+                   f"head) or deeplabv3plus-RESNET (DeepLabV3+, output stride 16) {preset('backbone')}")
     g.add_argument("--pretrained", help="imagenet | none | PATH (ImageNet weights as downloaded: torchvision, "
                    f"open-mmlab resnet101_v1c, SegFormer mit_bX.pth; or one of our checkpoints) {preset('pretrained')}")
     g.add_argument("--iters", type=int, help=f"training iterations; the LR reaches 0 here {preset('iters')}")
@@ -406,8 +412,8 @@ def parse_args(argv=None):
     g.add_argument("--warmup", type=int, help=f"linear warm-up iterations, then lr*(1-t/iters) {preset('warmup')}")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: 0.01)")
     g.add_argument("--ema", type=float, default=0.99, help="teacher EMA: alpha_t = min(1 - 1/(t+1), EMA) (0.99)")
-    g.add_argument("--pseudo-threshold", type=float, default=0.968,
-                   help="q = fraction of target pixels whose max teacher probability >= this (DACS: 0.968)")
+    g.add_argument("--pseudo-threshold", type=float, help="q = fraction of target pixels whose max teacher "
+                   f"probability >= this (DACS's; voc: UniMatch's conf_thresh) {preset('pseudo_threshold')}")
     g = p.add_argument_group("auxiliary tasks (L = L_src + L_mix + sum of lambda_a * L_a; MFM is the paper's, §3)")
     mode = g.add_mutually_exclusive_group()
     mode.add_argument("--aux", default="mfm", help="target auxiliary tasks, comma-separated from "
@@ -474,8 +480,8 @@ def resolve(args):
     if args.backbone in models.MITS and not grid_given:  # the last MiT stage of a 512 crop (HRDA: of a 512 view)
         args.mfm_grid = max(1, args.crop_size // (64 if hr else 32))  # is 16 x 16: the release's g
     if (args.labeled is not None) != (args.source == args.target):
-        raise ConfigError(f"--labeled is the semi-supervised setting: it needs --source = --target (cityscapes or "
-                          f"toy-night), got --source {args.source} --target {args.target}"
+        raise ConfigError(f"--labeled is the semi-supervised setting: it needs --source = --target (cityscapes, voc "
+                          f"or toy-night), got --source {args.source} --target {args.target}"
                           + ("" if args.labeled is not None else " without --labeled N|FILE") + ".")
     if args.recipe != "dacs":
         vars(args).update(DAFORMER)
@@ -499,6 +505,8 @@ def resolve(args):
     what = [args.backbone] * (args.backbone != defaults["backbone"]) + [args.recipe] * (args.recipe != "dacs")
     args.out = args.out or f"runs/{'-'.join([pair, *what, args.mode.replace('+', '-')])}-s{args.seed}"
     checks = [("--iters", args.iters > 0, "> 0"), ("--batch-size", args.batch_size > 0, "> 0"),
+              ("--batch-size", args.batch_size > 1 or args.backbone not in models.DLV3P, "> 1 with DeepLabV3+ "
+               "(BatchNorm after its image pooling)"),
               ("--crop-size", args.crop_size >= 8, ">= 8"), ("--mask-ratio", 0 < args.mask_ratio < 1, "in (0, 1)"),
               ("--lr", args.lr > 0, "> 0"), ("--warmup", args.warmup >= 0, ">= 0"),
               ("--ema", 0 <= args.ema < 1, "in [0, 1)"), ("--workers", args.workers >= 0, ">= 0"),
