@@ -10,7 +10,8 @@ Each loss is backpropagated on its own, so peak memory is that of one branch, no
     python train.py --source gta --target cityscapes --no-mfm        # the DACS baseline
     python train.py --source gta --target cityscapes --backbone mit_b5 --pretrained mit_b5.pth --recipe daformer
     python train.py --source cityscapes --target cityscapes --labeled 372   # semi-supervised (S4MIM's setting)
-    python train.py --source voc --target voc --labeled 1464     # PASCAL VOC: DeepLabV3+, UniMatch's values (README)
+    python train.py --source voc --target voc --labeled 1464     # PASCAL VOC on DeepLabV3+: UniMatch's crop,
+                                                                 # threshold, batch; our AdamW, 40k steps (README)
     torchrun --nproc_per_node 4 train.py --source gta --target cityscapes   # several GPUs, --batch-size per GPU
 
 The output folder gets config.json, log.jsonl, ckpt.pt (resume with --resume), model.pt (the final weights for
