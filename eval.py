@@ -181,7 +181,8 @@ def parse_args(argv=None):
                    "(default: data)")
     p.add_argument("--out", default=None, help="where metrics.json goes (default: the checkpoint's folder)")
     p.add_argument("--save-pred", default=None, metavar="DIR",
-                   help="write official *_labelIds.png predictions (and *_color.png) under DIR")
+                   help="write official *_labelIds.png predictions (VOC: <id>.png class indices) and *_color.png "
+                   "under DIR")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
                    help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")
