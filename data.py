@@ -1,7 +1,9 @@
 """Datasets, label tables, ClassMix and strong augmentation for MFM (METHOD.md §4-5).
 
 GTA5, SYNTHIA-RAND-CITYSCAPES and Cityscapes are read from their official download trees (no conversion step);
-label ids become Cityscapes trainIds through lookup tables on the fly. "toy-day" -> "toy-night" is a
+label ids become Cityscapes trainIds through lookup tables on the fly. PASCAL VOC 2012 ("voc", semi-supervised
+only) keeps its own 21 classes (CLASSES: names and palette per dataset), its native image sizes and UniMatch's
+random rescaling before the crop. "toy-day" -> "toy-night" is a
 procedural street-scene domain shift, generated in memory, for the CPU demo and the tests. class_mix and
 strong_augment are steps 3-4 of the DACS baseline (METHOD.md §4), in plain torch, batched, on any device.
 Training datasets are "infinite": ds[k] for the global sample counter k returns (image float32 (3, c, c) in
@@ -45,21 +47,40 @@ CITYSCAPES_LUT = np.full(256, IGNORE_INDEX, np.uint8)  # label id -> trainId, ui
 CITYSCAPES_LUT[list(CITYSCAPES_ID_TO_TRAINID)] = list(CITYSCAPES_ID_TO_TRAINID.values())
 SYNTHIA_LUT = np.full(65536, IGNORE_INDEX, np.uint8)  # SYNTHIA ids are 16-bit
 SYNTHIA_LUT[list(SYNTHIA_ID_TO_TRAINID)] = list(SYNTHIA_ID_TO_TRAINID.values())
+# PASCAL VOC 2012: 21 classes (UniMatch util/classes.py:1-3) and the devkit's colour map (VOCdevkit VOCcode/
+# VOClabelcolormap.m, UniMatch util/utils.py:11-27: index bits 0, 1, 2 give the top bits of R, G, B, and so on)
+VOC_CLASS_NAMES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+                   "dining table", "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa", "train",
+                   "tv/monitor")
+VOC_PALETTE = ((0, 0, 0), (128, 0, 0), (0, 128, 0), (128, 128, 0), (0, 0, 128), (128, 0, 128), (0, 128, 128),
+               (128, 128, 128), (64, 0, 0), (192, 0, 0), (64, 128, 0), (192, 128, 0), (64, 0, 128), (192, 0, 128),
+               (64, 128, 128), (192, 128, 128), (0, 64, 0), (128, 64, 0), (0, 192, 0), (128, 192, 0), (0, 64, 128))
+VOC_LUT = np.full(256, IGNORE_INDEX, np.uint8)  # class indices as downloaded; 255 (object borders) and others ignored
+VOC_LUT[:len(VOC_CLASS_NAMES)] = np.arange(len(VOC_CLASS_NAMES))
+VOC_DIR = "voc/VOCdevkit/VOC2012"  # under the data root, as the devkit tar unpacks
+# UniMatch's random rescale (dataset/semi.py:42, transform.py:44-57): long side x U(0.5, 2.0), then the crop, padded
+# with image 0 / label 255 where the image is smaller (transform.py:10-15)
+VOC_SCALE = (0.5, 2.0)
+CLASSES = {"voc": (VOC_CLASS_NAMES, VOC_PALETTE)}  # datasets with their own classes; the others: Cityscapes' 19
 _LABEL_SUFFIX = "_gtFine_labelIds.png"  # Cityscapes labels we read (split files may name labelTrainIds)
 MAX_LABEL_ID = 33  # the largest id of the official Cityscapes table (bicycle); GTA uses the same ids
 NOT_IDS_FRACTION = 0.5  # *choice*: a label with more of its pixels outside 0-33 is no label-id map: rejected
-DATASETS = ("gta", "synthia", "cityscapes", "toy-day", "toy-night")
+DATASETS = ("gta", "synthia", "cityscapes", "toy-day", "toy-night", "voc")
 SOURCE_DATASETS = ("gta", "synthia", "toy-day")  # labelled source domains: crops retried (cat_max_ratio)
 # (W, H) before cropping, METHOD.md §4. GTA: 1280x720 as in DACS (DAFormer keeps the aspect: 1280x704). HRDA
 # (train.py --recipe hrda) doubles them: GTA 2560x1440 (HRDA keeps the aspect, 2560x1407: our choice follows the
 # DACS size, as here), SYNTHIA 2560x1520 and Cityscapes 2048x1024 exactly as HRDA (HRDA.md §1.1).
 RESIZE = {"gta": (1280, 720), "synthia": (1280, 760), "cityscapes": (1024, 512),
-          "toy-day": (128, 64), "toy-night": (128, 64)}
+          "toy-day": (128, 64), "toy-night": (128, 64),
+          "voc": None}  # None: native sizes (VOC: up to 500x500), rescaled at random for training (VOC_SCALE)
 EXPECTED_TREE = {
     "gta": "<root>/gta/images/00001.png ...\n<root>/gta/labels/00001.png ...   (8-bit palette PNGs, label ids)",
     "synthia": "<root>/synthia/RGB/0000000.png ...\n<root>/synthia/GT/LABELS/0000000.png ...   (16-bit PNGs)",
     "cityscapes": "<root>/cityscapes/leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png\n"
-                  "<root>/cityscapes/gtFine/<split>/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png"}
+                  "<root>/cityscapes/gtFine/<split>/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png",
+    "voc": f"<root>/{VOC_DIR}/JPEGImages/<id>.jpg\n<root>/{VOC_DIR}/SegmentationClass/<id>.png   (palette PNGs)\n"
+           f"<root>/{VOC_DIR}/ImageSets/Segmentation/train.txt and val.txt   (image ids)\n"
+           f"<root>/{VOC_DIR}/SegmentationClassAug/<id>.png   (optional: SBD's labels of the 10,582 augmented set)"}
 CAT_MAX_RATIO, CROP_TRIES = 0.75, 10  # source crops: retry while one class fills > 75% (mmseg RandomCrop)
 RCS_ROUNDS = 10  # DAFormer RCS: whole crops (each with its CROP_TRIES) until the rare class is in it
 MAX_BAD_FILES = 10  # training skips up to this many unreadable files in a row, then raises
@@ -76,11 +97,17 @@ class DatasetError(Exception):
     """A dataset that is missing, empty or unreadable, or a bad dataset option."""
 
 
-def colorize(label):
-    """Label (H, W) trainIds (numpy or tensor) -> uint8 RGB (H, W, 3) with PALETTE; 255 and unknown -> black."""
+def label_set(name):
+    """(class names, palette) of dataset `name`: its own (CLASSES) or Cityscapes' 19 trainIds."""
+    return CLASSES.get(name, (CLASS_NAMES, PALETTE))
+
+
+def colorize(label, palette=PALETTE):
+    """Label (H, W) class indices (numpy or tensor) -> uint8 RGB (H, W, 3) with `palette` (default: Cityscapes'
+    trainIds; label_set(name)[1] for others); 255 and unknown -> black."""
     label = label.detach().cpu().numpy() if torch.is_tensor(label) else np.asarray(label)
     lut = np.zeros((256, 3), np.uint8)
-    lut[:len(PALETTE)] = PALETTE
+    lut[:len(palette)] = palette
     return lut[np.clip(label, 0, 255).astype(np.uint8)]
 
 
@@ -113,6 +140,11 @@ def _read_label_ids(path, name):
     if mode not in ("P", "L"):  # an RGB colour-coded label would silently give garbage ids
         raise DatasetError(f"label {path} has mode {mode}; expected label ids as a palette (P) or grayscale (L) "
                            f"PNG, as in the official {name} download.")
+    if name == "voc":  # class indices 0-20 and 255 (SegmentationClass: palette PNG; SegmentationClassAug: grayscale)
+        if ((VOC_LUT[ids] == IGNORE_INDEX) & (ids != IGNORE_INDEX)).sum() > NOT_IDS_FRACTION * ids.size:
+            raise DatasetError(f"label {path} holds values other than the VOC class indices 0-20 and 255 in most of "
+                               "its pixels; expected SegmentationClass (palette) or SegmentationClassAug PNGs.")
+        return ids
     outside = ids[ids > MAX_LABEL_ID]  # 16-bit instanceIds files already fail the mode check (I;16)
     if outside.size > NOT_IDS_FRACTION * ids.size:
         raise DatasetError(f"label {path} holds ids outside the Cityscapes label ids 0-{MAX_LABEL_ID} in "
@@ -121,8 +153,50 @@ def _read_label_ids(path, name):
     return ids
 
 
+def _voc_ids(base, split):
+    """Image ids of VOC's ImageSets/Segmentation/<split>.txt (train: 1,464; val: 1,449)."""
+    path = base / "ImageSets/Segmentation" / f"{split}.txt"
+    try:
+        return path.read_text().split()
+    except OSError as err:
+        raise DatasetError(f"voc: cannot read {path} ({err}). Expected the VOC 2012 tree:\n"
+                           f"{EXPECTED_TREE['voc']}") from err
+
+
+def _list_voc(root, split):
+    """VOC 2012 samples [(JPEGImages/<id>.jpg, label, "<id>.png")]: val = val.txt with SegmentationClass labels;
+    train = train.txt, plus, when SegmentationClassAug is there, every image it labels that is not in val (the
+    10,582 augmented set UniMatch's blended splits and unlabelled lists draw from: splits/pascal/*/unlabeled.txt).
+    A train image's label: SegmentationClass (the finer annotation, 255 on borders) if it has one, else the Aug
+    one (*choice*; UniMatch ships one preprocessed SegmentationClass folder for all)."""
+    if split not in ("train", "val"):
+        raise DatasetError(f"voc has the splits train and val, got split={split!r}.")
+    base = root / VOC_DIR
+    for d in (root, base / "JPEGImages", base / "SegmentationClass"):
+        if not d.is_dir():
+            raise DatasetError(f"voc: directory {d} not found. Expected the VOC 2012 tree under the data root "
+                               f"{root}:\n{EXPECTED_TREE['voc']}")
+    ids, aug = _voc_ids(base, split), base / "SegmentationClassAug"
+    if split == "train" and aug.is_dir():
+        ids = set(ids) | ({p.stem for p in aug.glob("*.png")} - set(_voc_ids(base, "val")))
+    samples, missing = [], []
+    for i in sorted(ids):
+        image, label = base / "JPEGImages" / f"{i}.jpg", base / "SegmentationClass" / f"{i}.png"
+        label = label if label.is_file() or split == "val" else aug / f"{i}.png"
+        (samples if image.is_file() and label.is_file() else missing).append((image, label, f"{i}.png"))
+    if missing:
+        warnings.warn(f"voc {split}: skipping {len(missing)} listed images without their JPEG or label "
+                      f"(e.g. {missing[0][0]}, {missing[0][1]})")
+    if not samples:
+        raise DatasetError(f"voc {split}: none of the listed images has its JPEG and label. Expected:\n"
+                           f"{EXPECTED_TREE['voc']}")
+    return samples
+
+
 def _list_files(name, root, split):
     """[(image path, label path, label name inside the split)] of the pairs in the official tree."""
+    if name == "voc":
+        return _list_voc(root, split)
     if name != "cityscapes" and split != "train":
         raise DatasetError(f"{name} has only the split 'train' (all images), got split={split!r}.")
     img_dir, lbl_dir, pattern, img_suffix, lbl_suffix = {
@@ -234,8 +308,9 @@ class SegDataset(torch.utils.data.Dataset):
         self.name, self.samples, self.split, self.train, self.frame = name, samples, split, train, frame
         self.crop_size, self.seed, self.eval_size = crop_size, seed, eval_size
         self.source, self.rcs = source, rcs
+        self.num_classes = len(label_set(name)[0])
         self.outside_pixels = 0  # pixels read so far with ids outside the table (per process: per worker)
-        if train and crop_size > min(eval_size):
+        if train and eval_size is not None and crop_size > min(eval_size):
             raise DatasetError(f"crop_size {crop_size} is larger than the resized {name} image "
                                f"{eval_size[0]}x{eval_size[1]} (WxH); use a crop_size <= {min(eval_size)}.")
         if rcs:
@@ -262,6 +337,8 @@ class SegDataset(torch.utils.data.Dataset):
         ids = _read_label_ids(path, self.name)
         if self.name == "synthia":
             return SYNTHIA_LUT[ids]
+        if self.name == "voc":
+            return VOC_LUT[ids]
         outside = ids[ids > MAX_LABEL_ID]  # DAFormer ignores ids outside the table: so do we, counting them
         if outside.size and not self.outside_pixels:  # warn once per dataset (and DataLoader worker)
             warnings.warn(f"{self.name}: label {path} holds {outside.size} pixels of id {outside.max()} (or others) "
@@ -291,6 +368,8 @@ class SegDataset(torch.utils.data.Dataset):
                 if attempt == MAX_BAD_FILES:
                     raise
                 warnings.warn(f"{err} Using the next file of the list instead.")
+        if self.eval_size is None:  # native sizes (VOC): UniMatch's random rescale, padded to the crop
+            img, lbl = _rescale_and_pad(img, lbl, self.crop_size, rng)
         img, lbl = _resize(img, self.eval_size, Image.BILINEAR), _resize(lbl, self.eval_size, Image.NEAREST)
         y, x = self._choose_crop(lbl, rng, rare)
         c, width = self.crop_size, lbl.shape[1]
@@ -339,8 +418,24 @@ class SegDataset(torch.utils.data.Dataset):
         self.rcs_prob = torch.softmax(torch.from_numpy(logits), 0).numpy()  # float64
 
 
-def _resize(arr, size, resample):  # (H, W[, 3]) uint8 -> size (W, H)
-    return arr if arr.shape[1::-1] == tuple(size) else np.asarray(Image.fromarray(arr).resize(size, resample))
+def _resize(arr, size, resample):  # (H, W[, 3]) uint8 -> size (W, H); None: unchanged
+    return arr if size is None or arr.shape[1::-1] == tuple(size) else np.asarray(
+        Image.fromarray(arr).resize(size, resample))
+
+
+def _rescale_and_pad(img, lbl, crop, rng):
+    """UniMatch's VOC augmentation before the crop (transform.py:10-15, 44-57): the long side L becomes an integer
+    drawn uniformly from [int(0.5 L), int(2 L)] (aspect kept; image bilinear, label nearest), then the bottom and
+    right are padded up to crop x crop, image with 0, label with IGNORE_INDEX. Unlabelled (target) crops are padded
+    alike and their pseudo-labels cover the padding (*choice*; UniMatch ignores those pixels: semi.py:43-44, 70).
+    (H, W, 3), (H, W) uint8 -> the same, at least crop x crop."""
+    (h, w), long = lbl.shape, max(lbl.shape)
+    side = int(rng.integers(int(long * VOC_SCALE[0]), int(long * VOC_SCALE[1]) + 1))
+    size = (side, int(h * side / w + 0.5)) if w >= h else (int(w * side / h + 0.5), side)  # (W, H)
+    img, lbl = _resize(img, size, Image.BILINEAR), _resize(lbl, size, Image.NEAREST)
+    pad_h, pad_w = max(crop - size[1], 0), max(crop - size[0], 0)
+    return (np.pad(img, ((0, pad_h), (0, pad_w), (0, 0))),
+            np.pad(lbl, ((0, pad_h), (0, pad_w)), constant_values=IGNORE_INDEX))
 
 
 def _to_tensor(img):
@@ -374,40 +469,54 @@ def build_dataset(name, root="data", split="train", train=True, crop_size=512, s
             raise DatasetError(f"{name} {split}: {len(missing)} of the {len(keys)} samples asked for are not under "
                                f"{root}{', e.g. ' + missing[0] if missing else ''}.")
         samples = [by_key[k] for k in keys]
-    return SegDataset(name, samples, split, train, crop_size, seed, tuple(resize or RESIZE[name]), rcs, rcs_cache,
+    size = resize or RESIZE[name]
+    return SegDataset(name, samples, split, train, crop_size, seed, size and tuple(size), rcs, rcs_cache,
                       name in SOURCE_DATASETS if source is None else bool(source), frame)
 
 
 # UniMatch line: image and trainIds label; U2PL line: the image alone; both maybe under a folder (cityscapes/)
 _SPLIT_LINE = re.compile(r"(?:\S*/)?leftImg8bit/train/([^/\s]+/[^/\s]+)_leftImg8bit\.png"
                          r"(?:\s+(?:\S*/)?gtFine/train/\1_gtFine_label(?:Train)?Ids\.png)?")
+# VOC: UniMatch's line (splits/pascal/*/labeled.txt: "JPEGImages/<id>.jpg SegmentationClass/<id>.png"), or the id alone
+_VOC_SPLIT_LINE = re.compile(r"(?:\S*/)?JPEGImages/([^/\s]+)\.jpg(?:\s+(?:\S*/)?SegmentationClass(?:Aug)?/\1\.png)?"
+                             r"|(\d{4}_\d{6})")
+_SPLIT_FORMAT = {"cityscapes": "a UniMatch line ('leftImg8bit/train/<city>/<id>_leftImg8bit.png gtFine/train/<city>/"
+                               "<id>_gtFine_labelTrainIds.png') nor a U2PL line (the image path alone)",
+                 "voc": "a UniMatch line ('JPEGImages/<id>.jpg SegmentationClass/<id>.png') nor an image id"}
 
 
 def labeled_split(name, root, spec, seed):
     """Keys (see build_dataset) of the labelled train images of the semi-supervised setting (METHOD.md §8).
     spec: a count (int or digits): the first `count` of a permutation of the train set drawn from `seed` alone
-    (smaller draws are subsets of larger ones), sorted; or a split file: UniMatch or U2PL lines for Cityscapes
-    (we read the labelIds file of each listed image), one key per line for the toy."""
-    if name not in ("cityscapes", "toy-night"):
-        raise DatasetError(f"--labeled: the semi-supervised setting uses cityscapes or toy-night, not {name!r}.")
+    (smaller draws are subsets of larger ones), sorted; VOC draws from its 1,464 finely labelled train.txt images
+    (UniMatch's 92 ... 1464 splits do: its README), so 1464 is that whole set. Or a split file: UniMatch or U2PL
+    lines for Cityscapes (we read the labelIds file of each listed image), UniMatch lines or image ids for VOC
+    (any image of the train set: train.txt, or the augmented set with SegmentationClassAug), one key per line for
+    the toy."""
+    if name not in ("cityscapes", "toy-night", "voc"):
+        raise DatasetError(f"--labeled: the semi-supervised setting uses cityscapes, voc or toy-night, not {name!r}.")
     train = [s[2] for s in _samples(name, root, "train")]
     if isinstance(spec, int) or (isinstance(spec, str) and spec.lstrip("-").isdigit()):
-        if not 1 <= int(spec) <= len(train):
-            raise DatasetError(f"--labeled {spec}: choose from 1 to {len(train)}, the number of {name} train images.")
-        return [train[i] for i in sorted(np.random.default_rng(seed).permutation(len(train))[:int(spec)])]
+        fine = {f"{i}.png" for i in _voc_ids(Path(root) / VOC_DIR, "train")} if name == "voc" else None
+        pool = train if fine is None else [k for k in train if k in fine]
+        if not 1 <= int(spec) <= len(pool):
+            raise DatasetError(f"--labeled {spec}: choose from 1 to {len(pool)}, the number of {name} train images"
+                               + ("." if fine is None else " in ImageSets/Segmentation/train.txt."))
+        return [pool[i] for i in sorted(np.random.default_rng(seed).permutation(len(pool))[:int(spec)])]
     try:
         lines = Path(spec).read_text().splitlines()
     except (OSError, UnicodeDecodeError) as err:
         raise DatasetError(f"--labeled {spec}: cannot read this split file ({err}).") from err
     known, keys = set(train), {}  # key -> its line number, in file order
+    pattern, suffix = (_VOC_SPLIT_LINE, ".png") if name == "voc" else (_SPLIT_LINE, _LABEL_SUFFIX)
     for no, text in enumerate((line.strip() for line in lines), 1):
-        match = _SPLIT_LINE.fullmatch(text)
-        key = text if name == "toy-night" else match[1] + _LABEL_SUFFIX if match else None
+        match = pattern.fullmatch(text)
+        key = text if name == "toy-night" else next(g for g in match.groups() if g) + suffix if match else None
         if text and (key is None or key not in known or key in keys):
-            problem = ("is neither a UniMatch line ('leftImg8bit/train/<city>/<id>_leftImg8bit.png gtFine/train/"
-                       "<city>/<id>_gtFine_labelTrainIds.png') nor a U2PL line (the image path alone)" if key is None
+            problem = (f"is neither {_SPLIT_FORMAT[name]}" if key is None
                        else f"repeats line {keys[key]}" if key in keys else
-                       f"names no {name} train image (with its label) under {root}")
+                       f"names no {name} train image (with its label) under {root}"
+                       + (" (images outside train.txt need SegmentationClassAug)" if name == "voc" else ""))
             raise DatasetError(f"{spec} line {no}: {text[:100]!r} {problem}.")
         if text:
             keys[key] = no
@@ -418,9 +527,12 @@ def labeled_split(name, root, spec, seed):
 
 def write_split(path, name, keys):
     """Write `keys` as a split file that labeled_split reads back: UniMatch lines for Cityscapes (naming its
-    labelTrainIds file), one key per line for the toy."""
-    lines = [k if name.startswith("toy") else "leftImg8bit/train/{0}_leftImg8bit.png gtFine/train/{0}_gtFine_"
-             "labelTrainIds.png".format(k[:-len(_LABEL_SUFFIX)]) for k in keys]
+    labelTrainIds file) and VOC, one key per line for the toy."""
+    if name == "voc":  # keys are "<id>.png"
+        lines = [f"JPEGImages/{k[:-4]}.jpg SegmentationClass/{k}" for k in keys]
+    else:
+        lines = [k if name.startswith("toy") else "leftImg8bit/train/{0}_leftImg8bit.png gtFine/train/{0}_gtFine_"
+                 "labelTrainIds.png".format(k[:-len(_LABEL_SUFFIX)]) for k in keys]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("\n".join(lines) + "\n")
 

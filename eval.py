@@ -5,6 +5,9 @@ METHOD.md §4 (evaluation): every val image resized to the training resolution (
 forward pass (no sliding window, no flip), logits upsampled bilinearly to the full-resolution label, argmax,
 one confusion matrix over the whole split; IoU_c = TP / (TP + FP + FN); mIoU = mean over the classes that
 occur (in the labels or the predictions). SYNTHIA-trained models are also scored on the 16 and 13 class sets.
+PASCAL VOC as UniMatch's "original" mode for it (supervised.py:33-84, unimatch.py:200-204): each of the 1,449 val
+images whole at its native size, one forward pass, 21 classes, one confusion matrix (UniMatch sums intersections
+and unions per class over the split: the same numbers; it upsamples with align_corners=True, we with False).
 
     python eval.py --ckpt runs/demo/model.pt --target toy-night
     python eval.py --ckpt runs/gta/model.pt --target cityscapes --data-root data --save-pred preds/
@@ -112,21 +115,22 @@ def scores(confusion, subsets=None):
     return result
 
 
-def save_prediction(pred, name, out_dir):
+def save_prediction(pred, name, out_dir, dataset="cityscapes"):
     """Write a trainId prediction (H, W) as the official Cityscapes label-id PNG under the ground truth's
-    relative path and name, plus a colourised copy next to it (suffix _color.png)."""
+    relative path and name, plus a colourised copy next to it (suffix _color.png). A dataset with its own classes
+    (data.CLASSES: VOC) gets its class indices as they are (VOC: <id>.png, as SegmentationClassAug) and its palette."""
     path = Path(out_dir) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     pred = pred.cpu().numpy().astype(np.uint8)
-    Image.fromarray(LABEL_IDS[pred]).save(path)
-    Image.fromarray(data.colorize(pred)).save(path.with_name(path.stem + "_color.png"))
+    Image.fromarray(pred if dataset in data.CLASSES else LABEL_IDS[pred]).save(path)
+    Image.fromarray(data.colorize(pred, data.label_set(dataset)[1])).save(path.with_name(path.stem + "_color.png"))
 
 
-def save_training_picture(path, student, x_src, y_src, x_tgt, seen):
+def save_training_picture(path, student, x_src, y_src, x_tgt, seen, palette=data.PALETTE):
     """train.py's vis/ pictures: one PNG, a header naming the panels, one row per image (at most 2): source |
     source label | target | pseudo-label | mixed image | MFM mask over the target (masked cells darkened) |
-    student prediction. The student predicts in eval mode (a picture must not move BatchNorm statistics) and is
-    left in train mode."""
+    student prediction, labels in `palette` (data.label_set(name)[1]). The student predicts in eval mode (a picture
+    must not move BatchNorm statistics) and is left in train mode."""
     with torch.no_grad():
         pred = models.upsample(student.eval()(x_tgt), x_tgt.shape[-2:]).argmax(1)
     student.train()
@@ -137,13 +141,13 @@ def save_training_picture(path, student, x_src, y_src, x_tgt, seen):
     names += ["MFM mask"] * ("mfm_mask" in seen) + ["prediction"]
     rows = []
     for i in range(min(2, len(x_src))):
-        panels = [rgb(x_src[i]), data.colorize(y_src[i].cpu()), rgb(x_tgt[i])]
+        panels = [rgb(x_src[i]), data.colorize(y_src[i].cpu(), palette), rgb(x_tgt[i])]
         if "pseudo_label" in seen:
-            panels += [data.colorize(seen["pseudo_label"][i].cpu()), rgb(seen["x_mix"][i])]
+            panels += [data.colorize(seen["pseudo_label"][i].cpu(), palette), rgb(seen["x_mix"][i])]
         if "mfm_mask" in seen:  # grid cells: nearest, so that a masked cell stays a sharp square
             mask = torch.nn.functional.interpolate(seen["mfm_mask"][i:i + 1].float(), x_tgt.shape[-2:])[0]
             panels.append(rgb(x_tgt[i] * (1 - 0.7 * mask)))
-        panels.append(data.colorize(pred[i].cpu()))
+        panels.append(data.colorize(pred[i].cpu(), palette))
         rows.append(np.concatenate(panels, axis=1))
     picture = Image.fromarray(np.concatenate(rows, axis=0))
     scale = max(1, 256 // picture.height)  # toy crops are tiny: enlarge so that people can see them
@@ -176,7 +180,7 @@ def evaluate(model, dataset, device="cpu", dtype=None, source=None, save_pred=No
         pred = models.upsample(logits.float(), label.shape[-2:]).argmax(1)
         confusion += confusion_matrix(label.flatten(), pred.flatten(), num_classes)
         if save_pred:
-            save_prediction(pred[0], name[0], save_pred)
+            save_prediction(pred[0], name[0], save_pred, dataset.name)
     model.train(was_training)
     subsets = {"mIoU16": data.SYNTHIA_16, "mIoU13": data.SYNTHIA_13} if source == "synthia" else None
     result = scores(confusion, subsets)
@@ -187,7 +191,7 @@ def evaluate(model, dataset, device="cpu", dtype=None, source=None, save_pred=No
 def format_table(result):
     """Per-class IoU table and the summary lines, as printed by eval.py and train.py."""
     lines = [f"{'class':15s} {'IoU':>6s}"]
-    for name, iou in zip(data.CLASS_NAMES, result["iou"]):
+    for name, iou in zip(data.label_set(result["dataset"])[0], result["iou"]):
         lines.append(f"{name:15s} {'  n/a' if iou != iou else f'{iou:6.2f}'}")
     summary = [f"{key} {result[key]:.2f}" for key in ("mIoU", "mIoU16", "mIoU13") if key in result]
     lines.append(f"{result['dataset']} {result['split']} ({result['images']} images): " + ", ".join(summary))
@@ -202,10 +206,12 @@ def parse_args(argv=None):
                    "checkpoint: its student (model.*, what their tools/test.py evaluates; default) or EMA teacher")
     p.add_argument("--target", default="cityscapes", help=f"dataset to score, one of {', '.join(data.DATASETS)}")
     p.add_argument("--split", default="val", help="split of --target (default: val)")
-    p.add_argument("--data-root", default="data", help="folder holding gta/, cityscapes/, synthia/ (default: data)")
+    p.add_argument("--data-root", default="data", help="folder holding gta/, cityscapes/, synthia/, voc/ "
+                   "(default: data)")
     p.add_argument("--out", default=None, help="where metrics.json goes (default: the checkpoint's folder)")
     p.add_argument("--save-pred", default=None, metavar="DIR",
-                   help="write official *_labelIds.png predictions (and *_color.png) under DIR")
+                   help="write official *_labelIds.png predictions (VOC: <id>.png class indices) and *_color.png "
+                   "under DIR")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
                    help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")
@@ -222,8 +228,9 @@ def main(argv=None):
         print(f"{args.ckpt}: {ckpt['released']}")
     model = model.to(memory_format=models.memory_format(args.device))
     scale = ckpt.get("config", {}).get("resize_scale", 1.0)  # the training resolution (HRDA: 2x, 2048x1024)
+    size = data.RESIZE[args.target]  # None: native sizes (VOC)
     dataset = data.build_dataset(args.target, args.data_root, args.split, train=False,
-                                 resize=tuple(round(v * scale) for v in data.RESIZE[args.target]))
+                                 resize=size and tuple(round(v * scale) for v in size))
     if model.config["num_classes"] != dataset.num_classes:
         raise models.WeightsError(f"{args.ckpt} predicts {model.config['num_classes']} classes but {args.target} "
                                   f"is labelled with {dataset.num_classes}; evaluate it on a dataset of its classes.")

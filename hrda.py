@@ -246,6 +246,8 @@ def build_model(num_classes=19, backbone="resnet101-v1c", pretrained=None, hrda=
     wrapping: ImageNet weights into its encoder, a whole network (ours, or a released HRDA/MIC one) everywhere."""
     if hrda is None:
         return models.build_model(num_classes, backbone, pretrained, **kw)
+    if backbone in models.DLV3P:  # AttentionHead takes DeepLabV2's map or MiT's list, no dict
+        raise models.WeightsError(f"--recipe hrda runs DeepLabV2 and DAFormer networks, not {backbone}.")
     model = HRDA(models.build_model(num_classes, backbone, **kw), **hrda)
     if pretrained not in (None, "none"):
         models.load_pretrained(model, pretrained)

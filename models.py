@@ -1,4 +1,5 @@
-"""The two segmentation networks of the MFM paper (arXiv 2509.13801), split into encoder and decoder for MFM.
+"""The two segmentation networks of the MFM paper (arXiv 2509.13801), and DeepLabV3+ for the semi-supervised VOC
+benchmark, split into encoder and decoder for MFM.
 
 DeepLabV2 (METHOD.md §2; the paper's DACS rows, GTA→CS 55.9 / SYN→CS 55.8 with MFM): a ResNet with layer3/layer4
 dilated (2, 4) instead of strided (output stride 8: a 512 crop gives a 2048x64x64 map) and the DeepLabV2 "ASPP
@@ -11,11 +12,16 @@ the SegFormer Mix Transformer encoder MiT-B0...B5 (4 stages, strides 4, 8, 16, 3
 SegFormer ImageNet files `mit_bX.pth`, which users download themselves) and the DAFormer head (per-stage Linear
 embeddings fused by parallel dilated depthwise branches). Written from METHOD.md's facts, no SegFormer code.
 
-Both have one face, so the training loop, MFM (Fig. 2) and the auxiliaries never ask which one they hold:
+DeepLabV3+ ("deeplabv3plus-resnet101", -50, -18; the segmentor of UniMatch and the semi-supervised literature on
+PASCAL VOC): torchvision's ResNet with layer4 dilated (output stride 16), ASPP (6, 12, 18) + image pooling, and the
+decoder that fuses the ASPP output with layer1's map (stride 4). Facts from UniMatch's code (cited there).
+
+All three have one face, so the training loop, MFM (Fig. 2) and the auxiliaries never ask which one they hold:
 
     model  = build_model(19, "mit_b5", pretrained="mit_b5.pth")   # or "resnet101-v1c", ...
     feats  = model.encode(x)      # x RGB in [0, 1]; DeepLabV2: (B, 2048, H/8, W/8); DAFormer: 4 maps, H/4 ... H/32
     logits = model.decode(feats)  # DeepLabV2: (B, K, H/8, W/8); DAFormer: (B, K, H/4, W/4)
+                                  # DeepLabV3+: encode {"low": H/4, "high": H/16} -> (B, K, H/4, W/4)
     logits = upsample(logits, label.shape[-2:])
 
 `feat_channels` is what mfm.Rebuilder(in_channels=...) takes, `feat_stride` the stride of the last map; `rebuild`,
@@ -26,6 +32,8 @@ wrapper, hrda.py, answers them for its two views). From mfm.py only the loss (we
 """
 import argparse
 import copy
+import itertools
+import operator
 import os
 import re
 import warnings
@@ -43,7 +51,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB; torchvision's, open-mmlab's and Se
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RESNETS = ("resnet101-v1c", "resnet101", "resnet50", "resnet18")  # resnet18: our CPU toy, not the paper's
 MITS = tuple(f"mit_b{i}" for i in range(6))
-BACKBONES = RESNETS + MITS
+DLV3P = {f"deeplabv3plus-{r}": r for r in ("resnet101", "resnet50", "resnet18")}  # -> torchvision's ResNet
+BACKBONES = RESNETS + MITS + tuple(DLV3P)
 V1C_URL = "https://download.openmmlab.com/pretrain/third_party/resnet101_v1c-e67eebb6.pth"
 MIT_DEPTHS = dict(mit_b0=(2, 2, 2, 2), mit_b1=(2, 2, 2, 2), mit_b2=(3, 4, 6, 3), mit_b3=(3, 4, 18, 3),
                   mit_b4=(3, 8, 27, 3), mit_b5=(3, 6, 40, 3))
@@ -73,7 +82,7 @@ class _EncoderDecoder(nn.Module):
 
     def encode(self, x):
         """Images (B, 3, H, W), RGB in [0, 1], normalised here -> DeepLabV2: f (B, C, H/8, W/8); DAFormer:
-        [(B, C_i, H/s_i, W/s_i)], s = 4, 8, 16, 32 (ceil)."""
+        [(B, C_i, H/s_i, W/s_i)], s = 4, 8, 16, 32 (ceil); DeepLabV3+: {"low": H/4, "high": H/16} (ceil)."""
         return self.backbone((x - self.mean) / self.std)
 
     def decode(self, feats):
@@ -92,6 +101,9 @@ class _EncoderDecoder(nn.Module):
     def mmseg_names(self):
         """{our state-dict key: the same tensor's key in mmseg 0.16 (the segmentor inside a released DAFormer/HRDA/MIC
         checkpoint)} for every parameter and buffer, from the family's rename table `mmseg_rename`."""
+        if not hasattr(self, "mmseg_rename"):
+            raise WeightsError(f"the released DAFormer/HRDA/MIC checkpoints hold DeepLabV2 and DAFormer networks; "
+                               f"{self.config['backbone']} has none of theirs.")
         return {key: rename(key, self.mmseg_rename) for key in self.state_dict()}
 
     def rebuild(self, rebuilder, feats):
@@ -113,15 +125,17 @@ def memory_format(device):
 
 
 # ---------------------------------------------------------------- DeepLabV2 (ResNet)
-def _dilated_resnet(name):
-    """Torchvision ResNet, fc/avgpool removed later, with layer3/layer4 dilated (2, 4): output stride 8."""
+def _dilated_resnet(name, dilate=(False, True, True)):
+    """Torchvision ResNet, fc/avgpool removed later, with the layers 2-4 that `dilate` names dilated instead of
+    strided (each doubling the dilation): layer3/layer4 (2, 4) = output stride 8 (DeepLabV2); layer4 (2) = 16."""
     if name != "resnet18":  # resnet50, resnet101 and resnet101-v1c (whose stem DeepLabV2 replaces)
         resnet = getattr(torchvision.models, name.removesuffix("-v1c"))
-        return resnet(weights=None, replace_stride_with_dilation=[False, True, True])
+        return resnet(weights=None, replace_stride_with_dilation=list(dilate))
     # torchvision refuses dilation in BasicBlock, so resnet18 is built strided and converted in place.
     net = torchvision.models.resnet18(weights=None)
-    for layer, dilation in ((net.layer3, 2), (net.layer4, 4)):
-        for module in layer.modules():
+    dilations = itertools.accumulate((2 if d else 1 for d in dilate), operator.mul)  # (1, 2, 4) or (1, 1, 2)
+    for layer, dilate_layer, dilation in zip((net.layer2, net.layer3, net.layer4), dilate, dilations):
+        for module in layer.modules() if dilate_layer else ():
             if isinstance(module, nn.Conv2d):
                 module.stride = (1, 1)
                 if module.kernel_size == (3, 3):
@@ -416,13 +430,101 @@ class DAFormer(_EncoderDecoder):
                 dict(params=list(self.head.parameters()), lr=10 * lr, name="head")]
 
 
+# ---------------------------------------------------------------- DeepLabV3+ (ResNet), UniMatch's segmentor
+class ResNetLevels(nn.Module):
+    """A torchvision ResNet without avgpool/fc, under its own module names (its state dict loads 1:1), returning
+    the two levels DeepLabV3+ reads: (B, 3, H, W) -> {"low": layer1 (B, C_1, H/4, W/4), "high": layer4 (B, C, h, w)}."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+
+    def forward(self, x):
+        low = self.layer1(self.maxpool(self.relu(self.bn1(self.conv1(x)))))
+        return {"low": low, "high": self.layer4(self.layer3(self.layer2(low)))}
+
+
+class ASPP(nn.Module):
+    """DeepLabV3's ASPP as UniMatch's (LiheYoung/UniMatch model/semseg/deeplabv3plus.py:73-120): a 1x1 branch, one
+    3x3 branch per dilation (= padding) and image pooling (global mean -> 1x1, spread back over the map), each
+    conv -> BN -> ReLU with C/8 channels (256 for 2048), concatenated and projected (1x1 conv, BN, ReLU) to C/8.
+    (B, C, h, w) -> (B, C/8, h, w). Image pooling puts BatchNorm on one value per channel and image: in training
+    it needs a batch of 2 or more."""
+
+    def __init__(self, in_channels, dilations=(6, 12, 18)):
+        super().__init__()
+        out = in_channels // 8
+        self.branches = nn.ModuleList([_conv_bn_relu(in_channels, out)] + [
+            _conv_bn_relu(in_channels, out, 3, d) for d in dilations])
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), _conv_bn_relu(in_channels, out))
+        self.project = _conv_bn_relu(out * (len(dilations) + 2), out)
+
+    def forward(self, x):
+        pooled = self.pool(x).expand(-1, -1, *x.shape[-2:])  # = UniMatch's bilinear upsampling of a 1x1 map
+        return self.project(torch.cat([branch(x) for branch in self.branches] + [pooled], dim=1))
+
+
+class DeepLabV3PlusHead(nn.Module):
+    """UniMatch's decoder (deeplabv3plus.py:21-38, 59-70): ASPP on the high level, upsampled bilinearly
+    (align_corners=True, as theirs) to the low level; low level reduced to 48 channels (1x1 conv, BN, ReLU);
+    concatenated [low, high]; two 3x3 conv + BN + ReLU to 256; 1x1 classifier. PyTorch's default init, as theirs."""
+
+    def __init__(self, low_channels, high_channels, num_classes, dilations=(6, 12, 18)):
+        super().__init__()
+        self.aspp = ASPP(high_channels, dilations)
+        self.reduce = _conv_bn_relu(low_channels, 48)
+        self.fuse = nn.Sequential(_conv_bn_relu(high_channels // 8 + 48, 256, 3), _conv_bn_relu(256, 256, 3))
+        self.classifier = nn.Conv2d(256, num_classes, 1)
+
+    def forward(self, feats):
+        """{"low": (B, C_1, H/4, W/4), "high": (B, C, h, w)} -> logits (B, K, H/4, W/4)"""
+        low = feats["low"]
+        high = F.interpolate(self.aspp(feats["high"]), size=low.shape[-2:], mode="bilinear", align_corners=True)
+        return self.classifier(self.fuse(torch.cat([self.reduce(low), high], dim=1)))
+
+
+class DeepLabV3Plus(_EncoderDecoder):
+    """DeepLabV3+ as UniMatch's VOC config (configs/pascal.yaml:19-22): layer4 dilated (output stride 16), ASPP
+    dilations (6, 12, 18), the low-level skip from layer1. encode: {"low": stride 4, "high": stride 16} (the dict
+    MFM's Rebuilder takes, as for torchvision's LR-ASPP); decode: logits at stride 4. Backbone: torchvision's
+    ResNet (7x7 stem) with its ImageNet weights (IMAGENET1K_V1); UniMatch's is a deep-stem variant (3x3 convs
+    3->64->64->128, model/backbone/resnet.py:70, 79-88) with their own ImageNet file, 59.5M parameters in their logs;
+    ours, deeplabv3plus-resnet101 at 21 classes: 59,344,309 (backbone 42,500,160, head 16,844,149)."""
+    feat_stride = 16
+
+    def __init__(self, num_classes=21, backbone="deeplabv3plus-resnet101", aspp_dilations=(6, 12, 18),
+                 pretrained=None):
+        super().__init__()
+        if backbone not in DLV3P:
+            raise WeightsError(f"--backbone {backbone!r} is no DeepLabV3+ backbone; choose one of {', '.join(DLV3P)}.")
+        self.config = dict(num_classes=num_classes, backbone=backbone, aspp_dilations=tuple(aspp_dilations))
+        net = _dilated_resnet(DLV3P[backbone], dilate=(False, False, True))
+        self.backbone = ResNetLevels(net)
+        self.feat_channels = [net.layer2[0].conv1.in_channels, net.fc.in_features]  # [256, 2048]; resnet18 [64, 512]
+        self.head = DeepLabV3PlusHead(*self.feat_channels, num_classes, aspp_dilations)
+        if pretrained not in (None, "none"):
+            load_pretrained(self, pretrained)
+
+    def param_groups(self, lr):
+        """Backbone at lr, head at 10x lr (UniMatch's lr_multi: configs/pascal.yaml:11, unimatch.py:57-59)."""
+        return [dict(params=list(self.backbone.parameters()), lr=lr, name="backbone"),
+                dict(params=list(self.head.parameters()), lr=10 * lr, name="head")]
+
+    def deepest(self, feats):
+        """The high level (stride 16) of encode's dict."""
+        return feats["high"]
+
+
 def build_model(num_classes=19, backbone="resnet101-v1c", pretrained=None, **kw):
-    """DeepLabV2 for a ResNet (kw: aspp_dilations), DAFormer for a MiT (kw: drop_path). build_model(**m.config)
-    rebuilds m."""
+    """DeepLabV2 for a ResNet (kw: aspp_dilations), DAFormer for a MiT (kw: drop_path), DeepLabV3+ for a
+    deeplabv3plus-* (kw: aspp_dilations). build_model(**m.config) rebuilds m."""
     if backbone in MITS:
         return DAFormer(num_classes, backbone, pretrained, **kw)
     if backbone in RESNETS:
         return DeepLabV2(num_classes, backbone, pretrained=pretrained, **kw)
+    if backbone in DLV3P:
+        return DeepLabV3Plus(num_classes, backbone, pretrained=pretrained, **kw)
     raise WeightsError(f"--backbone {backbone!r} is not supported; choose one of {', '.join(BACKBONES)}.")
 
 
@@ -475,7 +577,7 @@ def _imagenet_state(backbone):
     if backbone == "resnet101-v1c":
         url, get = V1C_URL, lambda: torch.hub.load_state_dict_from_url(V1C_URL, map_location="cpu", check_hash=True)
     else:
-        weights = torchvision.models.get_model_weights(backbone).IMAGENET1K_V1
+        weights = torchvision.models.get_model_weights(DLV3P.get(backbone, backbone)).IMAGENET1K_V1
         url, get = weights.url, lambda: weights.get_state_dict(progress=True)
     try:
         return get(), url
@@ -675,11 +777,14 @@ if __name__ == "__main__":
     parser.add_argument("--size", type=int, default=512, help="square input size for the shape check")
     args = parser.parse_args()
     configs = [dict(backbone=b, aspp_dilations=d) for b in RESNETS for d in ((6, 12), (6, 12, 18, 24))]
+    configs += [dict(backbone=b) for b in MITS] + [dict(backbone=b, num_classes=21, aspp_dilations=(6, 12, 18))
+                                                     for b in DLV3P]
     with torch.device("meta"), torch.no_grad():  # shapes and counts only: no memory, no arithmetic
-        for config in configs + [dict(backbone=b) for b in MITS]:
+        for config in configs:
             model = build_model(**config).eval()
             feats = model.encode(torch.zeros(1, 3, args.size, args.size))
-            shapes = [tuple(f.shape[1:]) for f in feats] if isinstance(feats, list) else tuple(feats.shape[1:])
+            levels = list(feats.values()) if isinstance(feats, dict) else feats
+            shapes = [tuple(f.shape[1:]) for f in levels] if isinstance(levels, list) else tuple(feats.shape[1:])
             print(f"{config['backbone']:13s} {str(config.get('aspp_dilations', 'DAFormer head')):16s} params "
                   f"{count_parameters(model):>11,d} (backbone {count_parameters(model.backbone):,d}, head "
                   f"{count_parameters(model.head):,d}) features {shapes}, logits "

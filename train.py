@@ -10,6 +10,7 @@ Each loss is backpropagated on its own, so peak memory is that of one branch, no
     python train.py --source gta --target cityscapes --no-mfm        # the DACS baseline
     python train.py --source gta --target cityscapes --backbone mit_b5 --pretrained mit_b5.pth --recipe daformer
     python train.py --source cityscapes --target cityscapes --labeled 372   # semi-supervised (S4MIM's setting)
+    python train.py --source voc --target voc --labeled 1464   # PASCAL VOC on DeepLabV3+ (UniMatch's benchmark)
     torchrun --nproc_per_node 4 train.py --source gta --target cityscapes   # several GPUs, --batch-size per GPU
 
 The output folder gets config.json, log.jsonl, ckpt.pt (resume with --resume), model.pt (the final weights for
@@ -46,12 +47,17 @@ from runtime import ConfigError, NonFiniteLoss
 # Defaults that depend on the domain pair: the paper's recipe for the real datasets, a CPU-sized one for the toy.
 # resnet101-v1c: the DeepLabV2 backbone of the DAFormer/MIC code bases the paper's 55.9 comes from (METHOD.md §2).
 PAPER = dict(backbone="resnet101-v1c", pretrained="imagenet", crop_size=512, iters=40_000, warmup=1500, lr=6e-5,
-             lr_rebuilder=2e-4, mfm_grid=16, eval_every=4000, ckpt_every=1000, vis_every=1000, log_every=50)
+             lr_rebuilder=2e-4, mfm_grid=16, eval_every=4000, ckpt_every=1000, vis_every=1000, log_every=50,
+             pseudo_threshold=0.968)  # DACS's confidence threshold
 TOY = dict(backbone="resnet18", pretrained="none", crop_size=64, iters=300, warmup=30, lr=1e-3,
-           lr_rebuilder=1e-3, mfm_grid=4, eval_every=100, ckpt_every=100, vis_every=100, log_every=10)
+           lr_rebuilder=1e-3, mfm_grid=4, eval_every=100, ckpt_every=100, vis_every=100, log_every=10,
+           pseudo_threshold=0.968)
+# UniMatch's VOC values (configs/pascal.yaml:4,16,19-22: crop 321, threshold 0.95, DeepLabV3+ R101) in our loop: AdamW
+# and 40k iterations of 2 + 2 as PAPER (theirs: SGD 1e-3, ~91k of 8 + 8); MFM grid 10 = 32-px cells, as g = 16 at 512.
+VOC = dict(PAPER, backbone="deeplabv3plus-resnet101", crop_size=321, pseudo_threshold=0.95, mfm_grid=10)
 SETTINGS = {  # (--source, --target) -> its defaults; source = target: semi-supervised (--labeled N|FILE)
     ("gta", "cityscapes"): PAPER, ("synthia", "cityscapes"): PAPER, ("toy-day", "toy-night"): TOY,
-    ("cityscapes", "cityscapes"): PAPER, ("toy-night", "toy-night"): TOY}
+    ("cityscapes", "cityscapes"): PAPER, ("toy-night", "toy-night"): TOY, ("voc", "voc"): VOC}
 DAFORMER = dict(rcs=True, fd=True, pl_crop=True, ema=0.999)  # --recipe daformer (METHOD.md §4), and hrda
 STOCHASTIC = (nn.Dropout, nn.Dropout2d, models.DropPath)  # off in the teacher (DAFormer); its BatchNorm trains
 
@@ -104,9 +110,8 @@ def cmim_head(student, args):
 
 @dataclass(frozen=True)
 class Auxiliary:
-    """One auxiliary task of the step. head: the name of its trained module, if any (in ckpt.pt, never in
-    model.pt; its own optimizer group at --lr-rebuilder); build(student, args) makes that module. whole_student:
-    its loss reaches every student parameter (else DDP must look for unused ones)."""
+    """One auxiliary task. head: its trained module's name, if any (in ckpt.pt, not model.pt; its optimizer group at
+    --lr-rebuilder), made by build(student, args); whole_student: its loss reaches every student parameter (DDP)."""
     loss: Callable
     what: str
     head: Optional[str] = None
@@ -229,26 +234,22 @@ def finish_step(run, losses, seen, step, args):
 
 
 def nonfinite_message(values, bad, step, args):
-    """What was NaN/inf at `step` (a loss, or only the gradient), with the advice that fits this run: a wider
-    precision only where it is not in use, the λ of the auxiliary that broke, the LR where the step itself did."""
-    term = [k[5:] for k in bad if k[5:] in AUXILIARIES or k == "loss_fd"]  # loss_mfm -> mfm
-    step_itself = bad == ["grad_norm"] or len(term) < len(set(bad) - {"grad_norm"})  # not only an auxiliary
-    advice = [f"--dtype fp32 (this run: {args.dtype})"] * (args.dtype != "fp32")
-    advice += [f"a smaller --lambda-{t} (now {getattr(args, 'lambda_' + t):g})" for t in term]
-    advice += [f"a lower --lr (now {args.lr:g})"] * step_itself
-    gradient = bad == ["grad_norm"]
-    return (f"non-finite {'gradient' if gradient else 'loss'}: {', '.join(f'{k} = {values[k]}' for k in bad)} at "
-            f"step {step}{' (every loss finite)' if gradient else ''}, in {args.dtype}. Stopped before the optimizer "
-            "step; the last good checkpoint is untouched. Try " + ", or ".join(
-                advice + ["--skip-nonfinite to skip such steps"]) + ".")
+    """What was NaN/inf at `step` (a loss, or only the gradient) and the advice that fits this run: a wider precision
+    only where it is not in use, the λ of the auxiliary that broke, the LR where the step itself did."""
+    term, gradient = [k[5:] for k in bad if k[5:] in AUXILIARIES or k == "loss_fd"], bad == ["grad_norm"]  # mfm, fd
+    advice = [f"--dtype fp32 (this run: {args.dtype})"] * (args.dtype != "fp32") + [
+        f"a smaller --lambda-{t} (now {getattr(args, 'lambda_' + t):g})" for t in term]
+    advice += [f"a lower --lr (now {args.lr:g})"] * (gradient or len(term) < len(set(bad) - {"grad_norm"}))
+    return (f"non-finite {'gradient' if gradient else 'loss'}: {', '.join(f'{k} = {values[k]}' for k in bad)} at step "
+            f"{step}{' (every loss finite)' * gradient}, in {args.dtype}. Stopped before the optimizer step; the last "
+            "good checkpoint is untouched. Try " + ", or ".join(advice + ["--skip-nonfinite to skip such steps"]) + ".")
 
 
 # ----------------------------------------------------------------------------- the run
 @dataclass
 class Run:
-    """What a step touches. teacher: the EMA copy (no heads; None with --source-only); imagenet: the frozen
-    pretrained copy of the feature distance (--fd); heads: the auxiliaries' trained modules by name; trainable:
-    student + heads, DDP-wrapped under torchrun."""
+    """What a step touches. teacher: the EMA copy (no heads; None: --source-only); imagenet: the frozen copy of the
+    feature distance (--fd); heads: the auxiliaries' modules by name; trainable: student + heads (DDP under torchrun)."""
     student: nn.Module
     teacher: Optional[nn.Module]
     imagenet: Optional[nn.Module]
@@ -261,9 +262,8 @@ class Run:
 
 
 def leaves_parameters_unused(args):
-    """Whether the step's last backward (the one DDP all-reduces in) leaves a trained parameter without a gradient:
-    an earlier auxiliary's head, or a last auxiliary that skips part of the student. Only then does DDP need its
-    per-step graph walk (find_unused_parameters)."""
+    """Whether the step's last backward (DDP all-reduces in it) leaves a trained parameter without gradient: an earlier
+    auxiliary's head, or a last auxiliary that skips part of the student. Only then does DDP walk the graph."""
     *earlier, last = auxiliaries(args) or [None]
     return any(AUXILIARIES[a].head for a in earlier) or (last is not None and not AUXILIARIES[last].whole_student)
 
@@ -313,7 +313,7 @@ def train(args):
         keys = data.labeled_split(args.target, args.data_root, args.labeled, args.seed)  # N or a split file
     if rank > 0:  # rank 0 first: it writes the RCS statistics cache that the others then read
         dist.barrier()
-    size = {name: tuple(round(v * args.resize_scale) for v in data.RESIZE[name]) for name in data.RESIZE}
+    size = {name: s and tuple(round(v * args.resize_scale) for v in s) for name, s in data.RESIZE.items()}
     src = data.build_dataset(args.source, args.data_root, "train", crop_size=args.crop_size, seed=args.seed,
                              rcs=args.rcs, rcs_cache=out / "rcs_stats.json", keys=keys, source=True,
                              resize=size[args.source])
@@ -366,7 +366,7 @@ def train(args):
                 tick, logged = time.time(), done
             if values and picture:
                 evaluation.save_training_picture(out / "vis" / f"step_{done:06d}.png", run.student, x_src, y_src,
-                                                 x_tgt, seen)
+                                                 x_tgt, seen, data.label_set(args.target)[1])
             if rank == 0 and args.eval_every and (done % args.eval_every == 0 or done == args.iters):
                 result = evaluation.evaluate(run.student, val, args.device, evaluation.DTYPES[args.dtype],
                                              args.source, num_workers=args.workers)
@@ -397,7 +397,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def preset(key):
-        return f"(default: {PAPER[key]}; toy pair: {TOY[key]})"
+        return f"(default: {PAPER[key]}; toy pair: {TOY[key]}; voc: {VOC[key]})"
     g = p.add_argument_group("data")
     g.add_argument("--source", required=True, choices=sorted({s for s, _ in SETTINGS}),
                    help="labelled source domain; = --target with --labeled: semi-supervised")
@@ -405,14 +405,14 @@ def parse_args(argv=None):
     g.add_argument("--labeled", metavar="N|FILE", help="semi-supervised (--source = --target): N labelled train "
                    "images (a seeded draw, saved as OUT/labeled.txt) or a split file (UniMatch or U2PL format); "
                    "every train image is also an unlabelled target, as in ClassMix")
-    g.add_argument("--data-root", default="data", help="folder with gta/, synthia/, cityscapes/ (default: data)")
+    g.add_argument("--data-root", default="data", help="folder with gta/, synthia/, cityscapes/, voc/ (default: data)")
     g.add_argument("--crop-size", type=int, help=f"square random crop after the recipe's resize {preset('crop_size')}")
     g.add_argument("--batch-size", type=int, default=2, help="source and target images per step and GPU (default: 2)")
     g.add_argument("--workers", type=int, default=None, help="DataLoader processes (default: 4 on CUDA, 0 on CPU)")
     g.add_argument("--rcs", action="store_true", help="rare class sampling of source images (DAFormer, T=0.01)")
     g = p.add_argument_group("model and optimisation")
-    g.add_argument("--backbone", choices=models.BACKBONES, help="dilated ResNet (DeepLabV2 head) or MiT (DAFormer "
-                   f"head) {preset('backbone')}")
+    g.add_argument("--backbone", choices=models.BACKBONES, help="dilated ResNet (DeepLabV2 head), MiT (DAFormer "
+                   f"head) or deeplabv3plus-RESNET (DeepLabV3+, output stride 16) {preset('backbone')}")
     g.add_argument("--pretrained", help="imagenet | none | PATH (ImageNet weights as downloaded: torchvision, "
                    "open-mmlab resnet101_v1c, SegFormer mit_bX.pth; or a whole network: one of our checkpoints, or the "
                    f"student of a released DAFormer/HRDA/MIC latest.pth) {preset('pretrained')}")
@@ -421,8 +421,8 @@ def parse_args(argv=None):
     g.add_argument("--warmup", type=int, help=f"linear warm-up iterations, then lr*(1-t/iters) {preset('warmup')}")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: 0.01)")
     g.add_argument("--ema", type=float, default=0.99, help="teacher EMA: alpha_t = min(1 - 1/(t+1), EMA) (0.99)")
-    g.add_argument("--pseudo-threshold", type=float, default=0.968,
-                   help="q = fraction of target pixels whose max teacher probability >= this (DACS: 0.968)")
+    g.add_argument("--pseudo-threshold", type=float, help="q = fraction of target pixels whose max teacher "
+                   f"probability >= this (DACS's; voc: UniMatch's conf_thresh) {preset('pseudo_threshold')}")
     g = p.add_argument_group("auxiliary tasks (L = L_src + L_mix + sum of lambda_a * L_a; MFM is the paper's, §3)")
     mode = g.add_mutually_exclusive_group()
     mode.add_argument("--aux", default="mfm", help="target auxiliary tasks, comma-separated from "
@@ -489,8 +489,8 @@ def resolve(args):
     if args.backbone in models.MITS and not grid_given:  # the last MiT stage of a 512 crop (HRDA: of a 512 view)
         args.mfm_grid = max(1, args.crop_size // (64 if hr else 32))  # is 16 x 16: the release's g
     if (args.labeled is not None) != (args.source == args.target):
-        raise ConfigError(f"--labeled is the semi-supervised setting: it needs --source = --target (cityscapes or "
-                          f"toy-night), got --source {args.source} --target {args.target}"
+        raise ConfigError(f"--labeled is the semi-supervised setting: it needs --source = --target (cityscapes, voc "
+                          f"or toy-night), got --source {args.source} --target {args.target}"
                           + ("" if args.labeled is not None else " without --labeled N|FILE") + ".")
     if args.recipe != "dacs":
         vars(args).update(DAFORMER)
@@ -514,6 +514,8 @@ def resolve(args):
     what = [args.backbone] * (args.backbone != defaults["backbone"]) + [args.recipe] * (args.recipe != "dacs")
     args.out = args.out or f"runs/{'-'.join([pair, *what, args.mode.replace('+', '-')])}-s{args.seed}"
     checks = [("--iters", args.iters > 0, "> 0"), ("--batch-size", args.batch_size > 0, "> 0"),
+              ("--batch-size", args.batch_size > 1 or args.backbone not in models.DLV3P, "> 1 with DeepLabV3+ "
+               "(BatchNorm after its image pooling)"),
               ("--crop-size", args.crop_size >= 8, ">= 8"), ("--mask-ratio", 0 < args.mask_ratio < 1, "in (0, 1)"),
               ("--lr", args.lr > 0, "> 0"), ("--warmup", args.warmup >= 0, ">= 0"),
               ("--ema", 0 <= args.ema < 1, "in [0, 1)"), ("--workers", args.workers >= 0, ">= 0"),
@@ -541,7 +543,7 @@ def main(argv=None):
     except RuntimeError as err:  # cuDNN/cuBLAS report a failed allocation as a plain RuntimeError
         if not isinstance(err, torch.cuda.OutOfMemoryError) and "ALLOC_FAILED" not in str(err):
             raise
-        bf16 = ", or --dtype bf16" if args is None or args.dtype == "fp32" else ""
+        bf16 = ", or --dtype bf16" * (args is None or args.dtype == "fp32")
         sys.exit(f"error: the GPU ran out of memory ({str(err).splitlines()[0]}). Try a smaller --crop-size or "
                  f"--batch-size{bf16}; the same command then starts again (or continues from the last checkpoint "
                  "with --resume).")

@@ -140,3 +140,60 @@ def make_gta_cityscapes(root, n_gta=3, n_train=2, n_val=2, size=(96, 48)):
 @pytest.fixture(scope="session")
 def fake_data(tmp_path_factory):
     return make_gta_cityscapes(tmp_path_factory.mktemp("data"))
+
+
+def voc_colour_map():
+    """The VOC devkit's colour map (VOCcode/VOClabelcolormap.m), 256 x RGB flattened for Image.putpalette: bits 0, 1,
+    2 of the index go to the top bit of R, G, B, bits 3, 4, 5 to the next one, and so on."""
+    colours = []
+    for i in range(256):
+        rgb, c = [0, 0, 0], i
+        for j in range(8):
+            for k in range(3):
+                rgb[k] |= ((c >> k) & 1) << (7 - j)
+            c >>= 3
+        colours += rgb
+    return colours
+
+
+def voc_label(rng, w, h):
+    """Class indices as VOC draws them: background, two random-class boxes, 255 on a 2-px ring around each."""
+    ids = np.zeros((h, w), np.uint8)
+    for _ in range(2):
+        y0, x0 = int(rng.integers(0, h // 2)), int(rng.integers(0, w // 2))
+        y1, x1 = y0 + int(rng.integers(h // 4, h // 2)), x0 + int(rng.integers(w // 4, w // 2))
+        ids[max(y0 - 2, 0):y1 + 2, max(x0 - 2, 0):x1 + 2] = 255
+        ids[y0:y1, x0:x1] = int(rng.integers(1, 21))
+    return ids
+
+
+def make_voc(root, train=("2007_000032", "2007_000039", "2008_000002", "2009_000012"),
+             val=("2007_000033", "2010_000004"), aug=("2008_000008", "2011_000003"), size=(80, 60)):
+    """root/voc/VOCdevkit/VOC2012 as the devkit tar unpacks (JPEG images, palette labels with 255 borders,
+    ImageSets/Segmentation/{train,val}.txt) plus SegmentationClassAug (plain class indices) for the `aug` ids, the
+    first train id and the first val id (the reader must prefer SegmentationClass, and keep val out of train).
+    Every second image is portrait (size swapped). Returns the VOC2012 folder."""
+    rng, base = np.random.default_rng(7), Path(root) / "voc/VOCdevkit/VOC2012"
+    for k, i in enumerate((*train, *val, *aug)):
+        w, h = size if k % 2 == 0 else size[::-1]
+        (base / "JPEGImages").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(base / f"JPEGImages/{i}.jpg", quality=90)
+        if i not in aug:
+            label = Image.fromarray(voc_label(rng, w, h), "P")
+            label.putpalette(voc_colour_map())
+            (base / "SegmentationClass").mkdir(exist_ok=True)
+            label.save(base / f"SegmentationClass/{i}.png")
+        if i in (*aug, train[0], val[0]):
+            (base / "SegmentationClassAug").mkdir(exist_ok=True)
+            Image.fromarray(voc_label(rng, w, h), "L").save(base / f"SegmentationClassAug/{i}.png")
+    (base / "ImageSets/Segmentation").mkdir(parents=True, exist_ok=True)
+    for split, ids in (("train", train), ("val", val)):
+        (base / f"ImageSets/Segmentation/{split}.txt").write_text("".join(f"{i}\n" for i in ids))
+    return base
+
+
+@pytest.fixture(scope="session")
+def voc_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("voc")
+    make_voc(root)
+    return root

@@ -16,7 +16,7 @@ from conftest import HostSyncCounter, meta_step_syncs
 TINY = ["--pretrained", "none", "--crop-size", "32", "--mfm-dim", "64", "--mfm-heads", "4", "--mfm-grid", "2"]
 CONFIGS = [["--backbone", "resnet18"], ["--backbone", "resnet18", "--source-only"],
            ["--backbone", "resnet18", "--recipe", "daformer"], ["--backbone", "mit_b0", "--aux", "mfm,mic"],
-           ["--backbone", "mit_b0", "--aux", "cmim"]]
+           ["--backbone", "mit_b0", "--aux", "cmim"], ["--backbone", "deeplabv3plus-resnet18"]]
 cuda = pytest.mark.cuda  # skipped without a GPU (conftest.py)
 
 
@@ -188,7 +188,7 @@ def test_running_out_of_memory_before_the_flags_are_read_is_the_same_message(mon
 
 # ----------------------------------------------------------------------------- on a GPU only
 @cuda
-@pytest.mark.parametrize("backbone", ["resnet18", "mit_b0"])
+@pytest.mark.parametrize("backbone", ["resnet18", "mit_b0", "deeplabv3plus-resnet18"])
 def test_cuda_step_is_finite_and_syncs_at_most_twice(backbone):
     args = toy_args("--backbone", backbone, "--aux", "mfm,mic", device="cuda")
     runtime.set_seed(0)

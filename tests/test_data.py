@@ -330,7 +330,7 @@ def test_labeled_split_by_count(semi_root):
             data.labeled_split("cityscapes", semi_root, bad, seed=0)
     toy = data.labeled_split("toy-night", None, 10, seed=1)
     assert len(toy) == 10 and all(k.endswith(".png") and int(k[:5]) < 2000 for k in toy)
-    with pytest.raises(DatasetError, match="--labeled.*cityscapes or toy-night, not 'gta'"):
+    with pytest.raises(DatasetError, match="--labeled.*cityscapes, voc or toy-night, not 'gta'"):
         data.labeled_split("gta", semi_root, 2, seed=0)
 
 
