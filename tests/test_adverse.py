@@ -252,6 +252,23 @@ def test_mic_separate_masks_one_source_and_one_target_crop_unaugmented():
     assert torch.isfinite(loss)
 
 
+@pytest.mark.parametrize("mode", ["separate", "separatetrgaug"])
+def test_the_step_gives_mic_the_source_batch_in_separate_mode(mode, monkeypatch):
+    args = train.parse_args(["--source", "toy-day", "--target", "toy-night", "--backbone", "mit_b0", "--pretrained",
+                             "none", "--crop-size", "32", "--device", "cpu", "--aux", "mic", "--mic-mode", mode])
+    calls, mic_loss = [], baselines.mic_loss
+
+    def spy(*a, **kw):
+        calls.append(kw["src"])
+        return mic_loss(*a, **kw)
+    monkeypatch.setattr(baselines, "mic_loss", spy)
+    torch.manual_seed(0)
+    x_src, y_src, x_tgt = torch.rand(2, 3, 32, 32), torch.randint(0, 19, (2, 32, 32)), torch.rand(2, 3, 32, 32)
+    values, _ = train.train_step(train.build_run(args, 19), x_src, y_src, x_tgt, 0, args)
+    assert np.isfinite(values["loss_mic"])
+    assert calls[0] is None if mode == "separatetrgaug" else calls[0][0] is x_src and calls[0][1] is y_src
+
+
 # ----------------------------------------------------------------------------- training, evaluation, server files
 @pytest.fixture(scope="module")
 def acdc_run(adverse_root, tmp_path_factory):
@@ -269,7 +286,9 @@ def test_cityscapes_to_acdc_trains_and_scores_each_condition(acdc_run, adverse_r
     assert sorted(log[-1]["eval"]["conditions"]) == list(CONDITIONS)  # the periodic evaluation has them too
     assert json.loads((out / "config.json").read_text())["config"]["mic_mode"] == "separate"
     evaluation.main(["--ckpt", str(out / "model.pt"), "--target", "acdc", "--data-root", str(adverse_root),
-                     "--workers", "0", "--device", "cpu"])
+                     "--workers", "0", "--device", "cpu", "--save-pred", str(out / "val_preds")])
+    images = (adverse_root / "acdc/rgb_anon").glob("*/val/*/*_rgb_anon.png")  # named after the images, not labels
+    assert sorted(p.name for p in (out / "val_preds").iterdir()) == sorted(p.name for p in images)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["mIoU"] == pytest.approx(result["mIoU"], abs=0.01) and metrics["images"] == 4
     assert metrics["conditions"]["fog"]["images"] == 1
