@@ -149,7 +149,8 @@ def save_training_picture(path, student, x_src, y_src, x_tgt, seen):
 @torch.no_grad()
 def evaluate(model, dataset, device="cpu", dtype=None, source=None, save_pred=None, num_workers=0, progress=True):
     """Whole-image inference over `dataset` (train=False items: image, full-res label, name) -> scores dict;
-    with 'conditions' {condition: scores and images} where every sample has one (ACDC's zips' tree).
+    with 'conditions' {condition: scores and images} where every sample has one (ACDC's zips' tree; *choice*: each
+    condition's own confusion matrix, its mIoU over the classes present in it, as the pooled one's).
     dtype: autocast dtype (None: fp32); source: the training source ('synthia' adds mIoU16 and mIoU13).
     save_pred: Cityscapes-style label-id files (save_prediction), or for the trainId datasets (ACDC, Dark
     Zurich) the servers' files, DIR/<image stem>.png (save_trainids)."""
@@ -169,8 +170,8 @@ def evaluate(model, dataset, device="cpu", dtype=None, source=None, save_pred=No
         pred = models.upsample(logits.float(), label.shape[-2:]).argmax(1)
         counts = confusion_matrix(label.flatten(), pred.flatten(), num_classes)
         confusion += counts
-        seen = per_condition.setdefault(data.condition(dataset.name, name[0]), [0, 0])
-        seen[0], seen[1] = seen[0] + counts, seen[1] + 1
+        tally = per_condition.setdefault(data.condition(dataset.name, name[0]), [0, 0])  # [confusion, images]
+        tally[0], tally[1] = tally[0] + counts, tally[1] + 1
         if save_pred and dataset.name in data.TRAINID_DATASETS:
             save_trainids(pred[0], Path(save_pred) / f"{stems[name[0]]}.png")
         elif save_pred:
@@ -213,9 +214,11 @@ def image_paths(specs):
     paths = []
     for spec in specs:
         path = Path(spec)
-        found = ([path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-                 if path.is_dir() else sorted(Path(p) for p in glob.glob(spec, recursive=True)
-                                              if Path(p).suffix.lower() in IMAGE_SUFFIXES))
+        if path.is_file():
+            found = [path]
+        else:
+            found = path.iterdir() if path.is_dir() else map(Path, glob.glob(spec, recursive=True))
+            found = sorted(p for p in found if p.suffix.lower() in IMAGE_SUFFIXES)
         if not found:
             raise data.DatasetError(f"--images {spec}: no such file, no PNG or JPEG in this folder, and no PNG or "
                                     "JPEG file matches it as a pattern.")
@@ -267,17 +270,19 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="model.pt (weights for inference) or ckpt.pt written by train.py")
     p.add_argument("--images", nargs="+", metavar="PATH", help="segment your own pictures instead (files, folders, "
-                   "glob patterns; PNG, JPEG): PICTURE_overlay.png and PICTURE_trainIds.png into --out")
+                   "glob patterns; PNG, JPEG) at the checkpoint's test size: PICTURE_overlay.png and "
+                   "PICTURE_trainIds.png into --out")
     p.add_argument("--opacity", type=float, default=0.5, help="--images: overlay = picture * (1 - a) + colour * a, "
                    "a in (0, 1] (default: 0.5, as DAFormer's demo)")
     p.add_argument("--target", default="cityscapes", help=f"dataset to score, one of {', '.join(data.DATASETS)}")
     p.add_argument("--split", default="val", help="split of --target (default: val)")
-    p.add_argument("--data-root", default="data", help="folder holding gta/, cityscapes/, synthia/ (default: data)")
+    p.add_argument("--data-root", default="data", help="folder holding gta/, cityscapes/, synthia/, acdc/, "
+                   "dark_zurich/ (default: data)")
     p.add_argument("--out", default=None, help="where metrics.json goes (default: the checkpoint's folder; "
                    "--images: its images/ folder)")
     p.add_argument("--save-pred", default=None, metavar="DIR", help="write official *_labelIds.png predictions "
                    "(and *_color.png) under DIR; ACDC, Dark Zurich: DIR/<image stem>.png, trainIds with the palette, "
-                   "the benchmark servers' files (an unlabelled split such as test: only these)")
+                   "the benchmark servers' files (their test split has no labels: written, not scored)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
                    help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")

@@ -396,7 +396,7 @@ def parse_args(argv=None):
     g.add_argument("--labeled", metavar="N|FILE", help="semi-supervised (--source = --target): N labelled train "
                    "images (a seeded draw, saved as OUT/labeled.txt) or a split file (UniMatch or U2PL format); "
                    "every train image is also an unlabelled target, as in ClassMix")
-    g.add_argument("--data-root", default="data", help="folder with gta/, synthia/, cityscapes/ (default: data)")
+    g.add_argument("--data-root", default="data", help="folder with gta/, cityscapes/, acdc/, ... (default: data)")
     g.add_argument("--crop-size", type=int, help=f"square random crop after the recipe's resize {preset('crop_size')}")
     g.add_argument("--batch-size", type=int, default=2, help="source and target images per step and GPU (default: 2)")
     g.add_argument("--workers", type=int, default=None, help="DataLoader processes (default: 4 on CUDA, 0 on CPU)")

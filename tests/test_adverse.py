@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_gta_cityscapes, write_rgb
+from conftest import make_gta_cityscapes, meta_step_syncs, write_rgb
 from PIL import Image
 
 import baselines
@@ -267,6 +267,13 @@ def test_the_step_gives_mic_the_source_batch_in_separate_mode(mode, monkeypatch)
     values, _ = train.train_step(train.build_run(args, 19), x_src, y_src, x_tgt, 0, args)
     assert np.isfinite(values["loss_mic"])
     assert calls[0] is None if mode == "separatetrgaug" else calls[0][0] is x_src and calls[0][1] is y_src
+
+
+def test_mic_separate_waits_for_the_gpu_no_more_than_the_step():
+    """Counted on the meta device (conftest.HostSyncCounter): one host sync per step, as for GTA -> Cityscapes."""
+    counts = meta_step_syncs(["--source", "cityscapes", "--target", "acdc", "--recipe", "daformer", "--backbone",
+                              "mit_b0", "--pretrained", "none", "--crop-size", "32", "--aux", "mic"])
+    assert counts == {"copy meta->cpu": 1.0}
 
 
 # ----------------------------------------------------------------------------- training, evaluation, server files
