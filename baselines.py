@@ -5,6 +5,7 @@ Each auxiliary takes the training loop's pseudo-labels `pl` (B, H, W) and confid
 AUXILIARIES table says how the loop calls each.
 
     mic_loss(student, x_tgt, pl, w, block=32, ratio=0.7)        MIC: CE on the block-masked, augmented target
+    mic_loss(..., src=(x_src, y_src))                           MIC's `separate` mode: half source, half target
     cmim_loss(student, head, x_tgt, pl, w)                      class-wise MIM, our reading of S4MIM (see there)
     ClassWiseReconstructor(in_channels, stride=8)               the light pixel head cmim_loss trains
     feature_distance_loss(f_student, f_imagenet, y_src)         DAFormer's ImageNet feature distance, λ LAMBDA_FD
@@ -64,12 +65,23 @@ def mask_image(x, keep, fill=None):
 
 # ----------------------------------------------------------------------------- MIC (METHOD.md §6)
 def mic_loss(student, x_tgt, pseudo_label, weight=1.0, block=MIC_BLOCK, ratio=MIC_RATIO,
-             augment=data.strong_augment, return_mask=False):
+             augment=data.strong_augment, return_mask=False, src=None):
     """L_mic = CE(student(mask(augment(x_t))) upsampled, teacher's pseudo-label of the unmasked x_t) * weight.
 
     student: a network of models.py / hrda.py (encode, decode, seg_loss); x_tgt (B, 3, H, W) in [0, 1];
     pseudo_label (B, H, W) int64; weight scalar or (B, H, W); augment: colour jitter + blur as DACS (None =
-    off). Returns the loss, or (loss, keep (B, 1, H, W), 1 = visible) with return_mask=True."""
+    off): MIC's `separatetrgaug` mode (its GTA/SYNTHIA -> Cityscapes runs). src = (x_src (B, 3, H, W), y_src
+    (B, H, W)): its `separate` mode (CS -> ACDC / Dark Zurich, M:seg/experiments.py:401-405): the masked batch is
+    [source crop 0 with its label, weight 1; target crop 0 with its pseudo-label and weight], not augmented
+    (M:seg/mmseg/models/uda/masking_consistency_module.py:96-104); MIC asserts a batch of 2, ours (*choice*) takes
+    the first B // 2 source and B - B // 2 target crops, still B crops. Returns the loss, or (loss, keep (B, 1, H,
+    W), 1 = visible) with return_mask=True."""
+    if src is not None:
+        n, b = x_tgt.shape[0] // 2, x_tgt.shape[0]
+        weight = torch.as_tensor(weight, device=x_tgt.device).float().expand(pseudo_label.shape)
+        weight = torch.cat([torch.ones_like(weight[:n]), weight[:b - n]])
+        pseudo_label = torch.cat([src[1][:n], pseudo_label[:b - n]])
+        x_tgt, augment = torch.cat([src[0][:n], x_tgt[:b - n]]), None
     x = augment(x_tgt) if augment is not None else x_tgt
     keep = random_block_mask(x.shape[0], x.shape[2], x.shape[3], block, ratio, x.device)
     # one mask on the whole crop, before a multi-resolution student (HRDA) cuts its views (HRDA.md §3)
@@ -80,10 +92,12 @@ def mic_loss(student, x_tgt, pseudo_label, weight=1.0, block=MIC_BLOCK, ratio=MI
 # ----------------------------------------------------------------------------- CMIM after S4MIM (METHOD.md §6)
 class ClassWiseReconstructor(nn.Module):
     """Light pixel head: features (N, C, h, w) -> RGB (N, 3, H, W). 1x1 conv -> GELU -> 1x1 conv to 3*s*s
-    channels -> pixel shuffle by s (the encoder's output stride), resized to (H, W) if h*s differs."""
+    channels -> pixel shuffle by s (the encoder's output stride), resized to (H, W) if h*s differs. in_channels: C,
+    or a network's feat_channels (a list of levels: the deepest, which cmim_loss reads)."""
 
     def __init__(self, in_channels, stride=8, hidden=256):
         super().__init__()
+        in_channels = in_channels if isinstance(in_channels, int) else in_channels[-1]
         self.net = nn.Sequential(nn.Conv2d(in_channels, hidden, 1), nn.GELU(),
                                  nn.Conv2d(hidden, 3 * stride * stride, 1), nn.PixelShuffle(stride))
 

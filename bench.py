@@ -45,7 +45,8 @@ import runtime
 import train
 
 GOALS = {"step_s": 1.5, "peak_bytes": 1.15}  # DACS + MFM / DACS, the targets
-PAIRS = {"toy": ["--source", "toy-day", "--target", "toy-night"], "paper": ["--source", "gta", "--target", "cityscapes"]}
+PAIRS = {"toy": ["--source", "toy-day", "--target", "toy-night"],
+         "paper": ["--source", "gta", "--target", "cityscapes"]}
 CUDA_DEFAULTS = dict(preset="paper", reps=20, warmup=5, loader_n=32, loader_workers=4)
 CPU_DEFAULTS = dict(preset="toy", reps=20, warmup=5, loader_n=8, loader_workers=0)
 
@@ -389,10 +390,11 @@ def markdown(report):
              "| mode | step ms | vs DACS | images/s | GFLOP/step | MFU | peak MiB | vs DACS | state MiB | host syncs "
              "| 40k iters |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in modes.items():
+        syncs = r["host_syncs"] if r["host_syncs"] is not None else "n/a"
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"
         lines.append(f"| {name} | {1000 * r['median_s']:.1f} ({1000 * r['min_s']:.1f}) | {ratio(r, 'median_s')} | "
                      f"{r['images_per_s']:.1f} | {r['flops'] / 1e9:,.1f} | {mfu} | {mib(r['peak_bytes'])} | "
-                     f"{ratio(r, 'peak_bytes')} | {mib(r['state_bytes'])} | {r['host_syncs'] if r['host_syncs'] is not None else 'n/a'} | "
+                     f"{ratio(r, 'peak_bytes')} | {mib(r['state_bytes'])} | {syncs} | "
                      f"{r['hours_40k']:.1f} h |")
     legend = ("peak MiB: the most memory a training step holds (CUDA: torch.cuda.max_memory_allocated; CPU: the "
               "state it keeps plus the most its own allocations hold at once, from the profiler's records); state "

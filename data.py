@@ -1,11 +1,13 @@
 """Datasets, label tables, ClassMix and strong augmentation for MFM (METHOD.md §4-5).
 
-GTA5, SYNTHIA-RAND-CITYSCAPES and Cityscapes are read from their official download trees (no conversion step);
-label ids become Cityscapes trainIds through lookup tables on the fly. PASCAL VOC 2012 ("voc", semi-supervised
-only) keeps its own 21 classes (CLASSES: names and palette per dataset), its native image sizes and UniMatch's
-random rescaling before the crop. "toy-day" -> "toy-night" is a
-procedural street-scene domain shift, generated in memory, for the CPU demo and the tests. class_mix and
-strong_augment are steps 3-4 of the DACS baseline (METHOD.md §4), in plain torch, batched, on any device.
+GTA5, SYNTHIA-RAND-CITYSCAPES, Cityscapes, ACDC and Dark Zurich are read from their official download trees (no
+conversion step); label ids become Cityscapes trainIds through lookup tables on the fly (ACDC and Dark Zurich ship
+trainIds). PASCAL VOC 2012 ("voc", semi-supervised only) keeps its own 21 classes (CLASSES: names and palette per
+dataset), its native image sizes and UniMatch's random rescaling before the crop. Images alone
+(build_dataset(labels=False): a training target, a test split) get labels that are IGNORE_INDEX everywhere.
+"toy-day" -> "toy-night" is a procedural street-scene domain shift, generated in memory, for the CPU demo and the
+tests. class_mix and strong_augment are steps 3-4 of the DACS baseline (METHOD.md §4), in plain torch, batched, on
+any device.
 Training datasets are "infinite": ds[k] for the global sample counter k returns (image float32 (3, c, c) in
 [0, 1], label int64 (c, c), 255 = ignore) and depends only on (seed, k): resuming at step s = starting at
 k = s * batch_size, with any number of DataLoader workers. Evaluation (train=False) returns the image resized
@@ -62,17 +64,27 @@ VOC_DIR = "voc/VOCdevkit/VOC2012"  # under the data root, as the devkit tar unpa
 # with image 0 / label 255 where the image is smaller (transform.py:10-15)
 VOC_SCALE = (0.5, 2.0)
 CLASSES = {"voc": (VOC_CLASS_NAMES, VOC_PALETTE)}  # datasets with their own classes; the others: Cityscapes' 19
+TRAINID_LUT = np.full(256, IGNORE_INDEX, np.uint8)  # trainId files (ACDC, Dark Zurich): any other value is ignored
+TRAINID_LUT[:len(CLASS_NAMES)] = np.arange(len(CLASS_NAMES))
 _LABEL_SUFFIX = "_gtFine_labelIds.png"  # Cityscapes labels we read (split files may name labelTrainIds)
 MAX_LABEL_ID = 33  # the largest id of the official Cityscapes table (bicycle); GTA uses the same ids
 NOT_IDS_FRACTION = 0.5  # *choice*: a label with more of its pixels outside 0-33 is no label-id map: rejected
-DATASETS = ("gta", "synthia", "cityscapes", "toy-day", "toy-night", "voc")
+DATASETS = ("gta", "synthia", "cityscapes", "acdc", "dark_zurich", "toy-day", "toy-night", "voc")
 SOURCE_DATASETS = ("gta", "synthia", "toy-day")  # labelled source domains: crops retried (cat_max_ratio)
 # (W, H) before cropping, METHOD.md §4. GTA: 1280x720 as in DACS (DAFormer keeps the aspect: 1280x704). HRDA
 # (train.py --recipe hrda) doubles them: GTA 2560x1440 (HRDA keeps the aspect, 2560x1407: our choice follows the
 # DACS size, as here), SYNTHIA 2560x1520 and Cityscapes 2048x1024 exactly as HRDA (HRDA.md §1.1).
-RESIZE = {"gta": (1280, 720), "synthia": (1280, 760), "cityscapes": (1024, 512),
-          "toy-day": (128, 64), "toy-night": (128, 64),
+# ACDC and Dark Zurich: 960x540, half their native 1920x1080, as DAFormer; HRDA/MIC 1920x1080 (ADVERSE.md §1).
+RESIZE = {"gta": (1280, 720), "synthia": (1280, 760), "cityscapes": (1024, 512), "acdc": (960, 540),
+          "dark_zurich": (960, 540), "toy-day": (128, 64), "toy-night": (128, 64),
           "voc": None}  # None: native sizes (VOC: up to 500x500), rescaled at random for training (VOC_SCALE)
+# The adverse-condition targets (ADVERSE.md §1-2): labels *_gt_labelTrainIds.png are trainIds already; images
+# *_rgb_anon.png, the label under the same relative path (mmseg custom.py:152-155, no split files).
+TRAINID_DATASETS = ("acdc", "dark_zurich")
+CONDITIONS = {"acdc": ("fog", "night", "rain", "snow")}  # the top folders of ACDC's zips; scored one by one
+UNLABELLED = {("acdc", "test"), ("dark_zurich", "train"), ("dark_zurich", "test")}  # no ground truth downloaded
+NO_RECTIFICATION = ("acdc", "dark_zurich")  # HRDA/MIC drop the pseudo-label margins there: "no rectification
+# artifacts" (H:experiments.py:544-546; M:seg/experiments.py:409-411); DAFormer kept them (D:experiments.py:394)
 EXPECTED_TREE = {
     "gta": "<root>/gta/images/00001.png ...\n<root>/gta/labels/00001.png ...   (8-bit palette PNGs, label ids)",
     "synthia": "<root>/synthia/RGB/0000000.png ...\n<root>/synthia/GT/LABELS/0000000.png ...   (16-bit PNGs)",
@@ -80,7 +92,14 @@ EXPECTED_TREE = {
                   "<root>/cityscapes/gtFine/<split>/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png",
     "voc": f"<root>/{VOC_DIR}/JPEGImages/<id>.jpg\n<root>/{VOC_DIR}/SegmentationClass/<id>.png   (palette PNGs)\n"
            f"<root>/{VOC_DIR}/ImageSets/Segmentation/train.txt and val.txt   (image ids)\n"
-           f"<root>/{VOC_DIR}/SegmentationClassAug/<id>.png   (optional: SBD's labels of the 10,582 augmented set)"}
+           f"<root>/{VOC_DIR}/SegmentationClassAug/<id>.png   (optional: SBD's labels of the 10,582 augmented set)",
+    "acdc": "<root>/acdc/rgb_anon/<condition>/<split>/<sequence>/<name>_rgb_anon.png   (as the zips unpack; "
+            "condition fog, night, rain or snow)\n<root>/acdc/gt/<condition>/<split>/<sequence>/<name>_gt_"
+            "labelTrainIds.png   (train and val)\nor flattened by rsync as in the DAFormer/HRDA/MIC READMEs: "
+            "<root>/acdc/rgb_anon/<split>/*_rgb_anon.png, <root>/acdc/gt/<split>/*_gt_labelTrainIds.png",
+    "dark_zurich": "<root>/dark_zurich/rgb_anon/train/night/<sequence>/<name>_rgb_anon.png   (training target)\n"
+                   "<root>/dark_zurich/rgb_anon/<split>/night/<sequence>/<name>_rgb_anon.png   (val, test)\n"
+                   "<root>/dark_zurich/gt/val/night/<sequence>/<name>_gt_labelTrainIds.png"}
 CAT_MAX_RATIO, CROP_TRIES = 0.75, 10  # source crops: retry while one class fills > 75% (mmseg RandomCrop)
 RCS_ROUNDS = 10  # DAFormer RCS: whole crops (each with its CROP_TRIES) until the rare class is in it
 MAX_BAD_FILES = 10  # training skips up to this many unreadable files in a row, then raises
@@ -145,11 +164,12 @@ def _read_label_ids(path, name):
             raise DatasetError(f"label {path} holds values other than the VOC class indices 0-20 and 255 in most of "
                                "its pixels; expected SegmentationClass (palette) or SegmentationClassAug PNGs.")
         return ids
-    outside = ids[ids > MAX_LABEL_ID]  # 16-bit instanceIds files already fail the mode check (I;16)
+    outside, known = _outside(ids, name)  # 16-bit instanceIds files already fail the mode check (I;16)
     if outside.size > NOT_IDS_FRACTION * ids.size:
-        raise DatasetError(f"label {path} holds ids outside the Cityscapes label ids 0-{MAX_LABEL_ID} in "
-                           f"{outside.size / ids.size:.0%} of its pixels (e.g. id {np.bincount(outside).argmax()}); "
-                           f"expected the official {name} label-id PNG (not trainIds, colours or instance ids).")
+        raise DatasetError(f"label {path} holds ids outside {known} in {outside.size / ids.size:.0%} of its pixels "
+                           f"(e.g. id {np.bincount(outside).argmax()}); expected the official {name} " + (
+                               "*_gt_labelTrainIds.png" if name in TRAINID_DATASETS else
+                               "label-id PNG (not trainIds, colours or instance ids)") + ".")
     return ids
 
 
@@ -193,23 +213,45 @@ def _list_voc(root, split):
     return samples
 
 
-def _list_files(name, root, split):
-    """[(image path, label path, label name inside the split)] of the pairs in the official tree."""
-    if name == "voc":
+def _outside(ids, name):
+    """(values of the label map `ids` that its dataset's encoding does not know, what it knows in words)."""
+    if name in TRAINID_DATASETS:
+        return ids[(TRAINID_LUT[ids] == IGNORE_INDEX) & (ids != IGNORE_INDEX)], "the trainIds 0-18 and 255"
+    return ids[ids > MAX_LABEL_ID], f"the label ids 0-{MAX_LABEL_ID}"
+
+
+def _list_files(name, root, split, labels=True):
+    """[(image path, label path, label name inside the split)] of the pairs in the official tree; labels=False:
+    [(image path, None, image name inside the split)] of every image."""
+    if name == "voc":  # labels or not: its lists pair each image with one
         return _list_voc(root, split)
-    if name != "cityscapes" and split != "train":
+    if name in ("gta", "synthia") and split != "train":
         raise DatasetError(f"{name} has only the split 'train' (all images), got split={split!r}.")
+    night = "/night" * (name == "dark_zurich" and split == "train")  # DZ's target: night only (ADVERSE.md §2)
     img_dir, lbl_dir, pattern, img_suffix, lbl_suffix = {
         "gta": ("gta/images", "gta/labels", "*", ".png", ".png"),
         "synthia": ("synthia/RGB", "synthia/GT/LABELS", "*", ".png", ".png"),
         "cityscapes": (f"cityscapes/leftImg8bit/{split}", f"cityscapes/gtFine/{split}", "*/*", "_leftImg8bit.png",
-                       _LABEL_SUFFIX)}[name]
+                       _LABEL_SUFFIX),
+        "dark_zurich": (f"dark_zurich/rgb_anon/{split}{night}", f"dark_zurich/gt/{split}{night}", "**/*",
+                        "_rgb_anon.png", "_gt_labelTrainIds.png"),
+        # ACDC as its zips unpack (keys <condition>/<split>/...), else as the anchors' rsync flattens it; both
+        # present (rsync copies): the zips' tree, which keeps each image's condition
+        "acdc": ("acdc/rgb_anon", "acdc/gt", f"*/{split}/**/*", "_rgb_anon.png", "_gt_labelTrainIds.png")
+        if any((root / "acdc/rgb_anon" / c / split).is_dir() for c in CONDITIONS["acdc"]) else
+        (f"acdc/rgb_anon/{split}", f"acdc/gt/{split}", "**/*", "_rgb_anon.png", "_gt_labelTrainIds.png")}[name]
     img_dir, lbl_dir = root / img_dir, root / lbl_dir
-    for d in (root, img_dir, lbl_dir):
+    for d in (root, img_dir, lbl_dir)[:3 if labels else 2]:
         if not d.is_dir():
             raise DatasetError(f"{name}: directory {d} not found. Expected the official tree under the data "
                                f"root {root}:\n{EXPECTED_TREE[name]}")
     images = {p.relative_to(img_dir).as_posix()[:-len(img_suffix)]: p for p in img_dir.glob(pattern + img_suffix)}
+    if not labels:
+        keys = sorted(images)
+        if not keys:
+            raise DatasetError(f"{name}: no images {pattern}{img_suffix} found in {img_dir}. Expected:\n"
+                               f"{EXPECTED_TREE[name]}")
+        return [(images[k], None, k + img_suffix) for k in keys]
     labels = {p.relative_to(lbl_dir).as_posix()[:-len(lbl_suffix)]: p for p in lbl_dir.glob(pattern + lbl_suffix)}
     unpaired = sorted(images.keys() ^ labels.keys())
     if unpaired:  # some GTA downloads lack ~25 pairs (METHOD.md §5)
@@ -304,8 +346,9 @@ class SegDataset(torch.utils.data.Dataset):
     num_classes = len(CLASS_NAMES)
 
     def __init__(self, name, samples, split, train, crop_size, seed, eval_size, rcs, rcs_cache, source,
-                 frame=False):
+                 frame=False, labels=True):
         self.name, self.samples, self.split, self.train, self.frame = name, samples, split, train, frame
+        self.labels = labels  # False: labels are IGNORE_INDEX everywhere, no label file is read
         self.crop_size, self.seed, self.eval_size = crop_size, seed, eval_size
         self.source, self.rcs = source, rcs
         self.num_classes = len(label_set(name)[0])
@@ -322,9 +365,13 @@ class SegDataset(torch.utils.data.Dataset):
     def load(self, i):
         """Native-resolution (image uint8 (H, W, 3), label uint8 (H, W) trainIds) of sample i."""
         if self.name.startswith("toy"):  # the key "00017.png" names scene 17
-            return toy_scene(int(self.samples[i][2][:-4]), self.name == "toy-night", self.split)
+            img, lbl = toy_scene(int(self.samples[i][2][:-4]), self.name == "toy-night", self.split)
+            return img, lbl if self.labels else np.full_like(lbl, IGNORE_INDEX)
         img_path, lbl_path, _ = self.samples[i]
-        img, lbl = _read_png(img_path, "image", "RGB")[1], self._label(i)
+        img = _read_png(img_path, "image", "RGB")[1]
+        if not self.labels:
+            return img, np.full(img.shape[:2], IGNORE_INDEX, np.uint8)
+        lbl = self._label(i)
         if img.shape[:2] != lbl.shape:
             raise DatasetError(f"image {img_path} is {img.shape[1]}x{img.shape[0]} but its label {lbl_path} is "
                                f"{lbl.shape[1]}x{lbl.shape[0]}; they must have the same size.")
@@ -339,13 +386,13 @@ class SegDataset(torch.utils.data.Dataset):
             return SYNTHIA_LUT[ids]
         if self.name == "voc":
             return VOC_LUT[ids]
-        outside = ids[ids > MAX_LABEL_ID]  # DAFormer ignores ids outside the table: so do we, counting them
+        outside, known = _outside(ids, self.name)  # DAFormer ignores ids outside the table: so do we, counting them
         if outside.size and not self.outside_pixels:  # warn once per dataset (and DataLoader worker)
             warnings.warn(f"{self.name}: label {path} holds {outside.size} pixels of id {outside.max()} (or others) "
-                          f"outside the label ids 0-{MAX_LABEL_ID}; ignored, as in DAFormer. Later ones are counted "
+                          f"outside {known}; ignored, as in DAFormer. Later ones are counted "
                           "silently (dataset.outside_pixels).")
         self.outside_pixels += outside.size
-        return CITYSCAPES_LUT[ids]
+        return (TRAINID_LUT if self.name in TRAINID_DATASETS else CITYSCAPES_LUT)[ids]
 
     def __getitem__(self, k):
         if not self.train:
@@ -442,26 +489,27 @@ def _to_tensor(img):
     return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float().div_(255)
 
 
-def _samples(name, root, split):  # [(image path, label path, key)] of the split
+def _samples(name, root, split, labels=True):  # [(image path, label path, key)] of the split
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
     if not name.startswith("toy"):
-        return _list_files(name, Path(root), split)
+        return _list_files(name, Path(root), split, labels)
     if split not in TOY_LEN:
         raise DatasetError(f"{name} has splits {', '.join(TOY_LEN)}, got split={split!r}.")
     return [(None, None, f"{i:05d}.png") for i in range(TOY_LEN[split])]
 
 
 def build_dataset(name, root="data", split="train", train=True, crop_size=512, seed=0, rcs=False, rcs_cache=None,
-                  resize=None, keys=None, source=None, frame=False):
+                  resize=None, keys=None, source=None, frame=False, labels=True):
     """Dataset `name` (one of DATASETS) under `root`; see the module docstring for what items look like.
     resize: (W, H) replacing the recipe's size before cropping/evaluation (RESIZE), e.g. for half resolution.
     rcs_cache: JSON path for the RCS class statistics (None: computed and kept in memory only).
     keys: only these samples, in this order (their labels' names inside the split, e.g. from labeled_split).
     source: crop as a labelled source (cat_max_ratio retries); None: only the SOURCE_DATASETS do.
     frame: training items get a third entry, int64 (3,) = (crop's x offset, flipped 0/1, resized image width):
-    where the crop lies in its image, for HRDA's pseudo-label margins at the image's left and right edges."""
-    samples = _samples(name, root, split)
+    where the crop lies in its image, for HRDA's pseudo-label margins at the image's left and right edges.
+    labels=False: the images alone (a training target, an unlabelled split); keys are then the images' names."""
+    samples = _samples(name, root, split, labels)
     if keys is not None:
         by_key = {s[2]: s for s in samples}
         missing = [k for k in keys if k not in by_key]
@@ -471,7 +519,19 @@ def build_dataset(name, root="data", split="train", train=True, crop_size=512, s
         samples = [by_key[k] for k in keys]
     size = resize or RESIZE[name]
     return SegDataset(name, samples, split, train, crop_size, seed, size and tuple(size), rcs, rcs_cache,
-                      name in SOURCE_DATASETS if source is None else bool(source), frame)
+                      name in SOURCE_DATASETS if source is None else bool(source), frame, labels)
+
+
+def has_labels(name, split):
+    """Whether the download holds this split's ground truth (not ACDC's or Dark Zurich's test, nor DZ's train)."""
+    return (name, split) not in UNLABELLED
+
+
+def condition(name, key):
+    """The condition (ACDC: fog, night, rain, snow) of a sample from its key: the first folder of the zips' tree;
+    None where the tree does not keep it (flattened) or the dataset has none."""
+    first = key.split("/")[0]
+    return first if first in CONDITIONS.get(name, ()) else None
 
 
 # UniMatch line: image and trainIds label; U2PL line: the image alone; both maybe under a folder (cityscapes/)

@@ -11,6 +11,7 @@ Each loss is backpropagated on its own, so peak memory is that of one branch, no
     python train.py --source gta --target cityscapes --backbone mit_b5 --pretrained mit_b5.pth --recipe daformer
     python train.py --source cityscapes --target cityscapes --labeled 372   # semi-supervised (S4MIM's setting)
     python train.py --source voc --target voc --labeled 1464   # PASCAL VOC on DeepLabV3+ (UniMatch's benchmark)
+    python train.py --source cityscapes --target acdc --backbone mit_b5 --pretrained mit_b5.pth --recipe hrda
     torchrun --nproc_per_node 4 train.py --source gta --target cityscapes   # several GPUs, --batch-size per GPU
 
 The output folder gets config.json, log.jsonl, ckpt.pt (resume with --resume), model.pt (the final weights for
@@ -55,9 +56,11 @@ TOY = dict(backbone="resnet18", pretrained="none", crop_size=64, iters=300, warm
 # UniMatch's VOC values (configs/pascal.yaml:4,16,19-22: crop 321, threshold 0.95, DeepLabV3+ R101) in our loop: AdamW
 # and 40k iterations of 2 + 2 as PAPER (theirs: SGD 1e-3, ~91k of 8 + 8); MFM grid 10 = 32-px cells, as g = 16 at 512.
 VOC = dict(PAPER, backbone="deeplabv3plus-resnet101", crop_size=321, pseudo_threshold=0.95, mfm_grid=10)
+ADVERSE = dict(PAPER, mic_mode="separate")  # CS -> ACDC / Dark Zurich: MIC's mask mode there (ADVERSE.md §0)
 SETTINGS = {  # (--source, --target) -> its defaults; source = target: semi-supervised (--labeled N|FILE)
     ("gta", "cityscapes"): PAPER, ("synthia", "cityscapes"): PAPER, ("toy-day", "toy-night"): TOY,
-    ("cityscapes", "cityscapes"): PAPER, ("toy-night", "toy-night"): TOY, ("voc", "voc"): VOC}
+    ("cityscapes", "cityscapes"): PAPER, ("toy-night", "toy-night"): TOY, ("voc", "voc"): VOC,
+    ("cityscapes", "acdc"): ADVERSE, ("cityscapes", "dark_zurich"): ADVERSE}
 DAFORMER = dict(rcs=True, fd=True, pl_crop=True, ema=0.999)  # --recipe daformer (METHOD.md §4), and hrda
 STOCHASTIC = (nn.Dropout, nn.Dropout2d, models.DropPath)  # off in the teacher (DAFormer); its BatchNorm trains
 
@@ -92,20 +95,15 @@ def mix_loss(student, x_mix, y_mix, w_mix):
     return student.seg_loss(student.decode(student.encode(x_mix)), y_mix, w_mix)
 
 
-# The auxiliary tasks, on the plain target crop (no mixing, no strong augmentation). Each branch takes the trained
-# modules `m` (m.student, m.heads), x_tgt (B, 3, H, W), the pseudo-labels (B, H, W) and their weight, and returns
-# (unweighted loss, maps for the pictures).
-def mfm_branch(m, x_tgt, pl, weight, args):
+# The auxiliary tasks, on the plain target crop (no mixing, no strong augmentation). A branch takes the trained modules
+# m (m.student, m.heads), x_tgt (B, 3, H, W), pseudo-labels (B, H, W), their weight, args and the source batch
+# (x_src, y_src), and returns (unweighted loss, maps for the pictures).
+def mfm_branch(m, x_tgt, pl, weight, args, src):
     """L_mfm = CE(D(R(E(x_t))), pseudo-labels) * q (mfm.py); the network applies the Rebuilder (HRDA: per view)."""
     rebuild = partial(m.student.rebuild, m.heads["rebuilder"])
     loss, mask = mfm_loss(m.student.decode, rebuild, m.student.encode(x_tgt), pl, weight, return_mask=True,
                           loss_fn=m.student.seg_loss)
     return loss, dict(mfm_mask=mask)
-
-
-def cmim_head(student, args):
-    channels = student.feat_channels if isinstance(student.feat_channels, int) else student.feat_channels[-1]
-    return baselines.ClassWiseReconstructor(channels, student.feat_stride)
 
 
 @dataclass(frozen=True)
@@ -122,12 +120,15 @@ class Auxiliary:
 
 AUXILIARIES = {  # --aux NAME; adding one is an entry here plus its loss function
     "mfm": Auxiliary(mfm_branch, "masked feature modeling", head="rebuilder", build=lambda student, args: Rebuilder(
-        student.feat_channels, args.mfm_dim, args.mfm_grid, args.mfm_depth, args.mfm_heads, mask_ratio=args.mask_ratio)),
-    "mic": Auxiliary(lambda m, x_tgt, pl, weight, args: (baselines.mic_loss(
-        m.student, x_tgt, pl, weight, args.mic_block, args.mic_ratio), {}), "MIC (masked image consistency)"),
-    "cmim": Auxiliary(lambda m, x_tgt, pl, weight, args: (baselines.cmim_loss(
+        student.feat_channels, args.mfm_dim, args.mfm_grid, args.mfm_depth, args.mfm_heads,
+        mask_ratio=args.mask_ratio)),
+    "mic": Auxiliary(lambda m, x_tgt, pl, weight, args, src: (baselines.mic_loss(
+        m.student, x_tgt, pl, weight, args.mic_block, args.mic_ratio,
+        src=src if args.mic_mode == "separate" else None), {}), "MIC (masked image consistency)"),
+    "cmim": Auxiliary(lambda m, x_tgt, pl, weight, args, src: (baselines.cmim_loss(
         m.student, m.heads["cmim_head"], x_tgt, pl, weight), {}), "class-wise masked image modeling",
-        head="cmim_head", build=cmim_head, whole_student=False),  # choice: trained like the Rebuilder
+        head="cmim_head", build=lambda student, args: baselines.ClassWiseReconstructor(
+        student.feat_channels, student.feat_stride), whole_student=False),  # choice: trained like the Rebuilder
 }
 
 
@@ -196,7 +197,8 @@ def train_step(run, x_src, y_src, x_tgt, step, args, frame=None):
         return losses["loss_mix"]
 
     def auxiliary(name, m):
-        losses[f"loss_{name}"], maps = AUXILIARIES[name].loss(m, x_tgt, seen["pseudo_label"], weight, args)
+        losses[f"loss_{name}"], maps = AUXILIARIES[name].loss(m, x_tgt, seen["pseudo_label"], weight, args,
+                                                              (x_src, y_src))
         seen.update(maps)
         return getattr(args, f"lambda_{name}") * losses[f"loss_{name}"]
     aux = auxiliaries(args)
@@ -249,7 +251,7 @@ def nonfinite_message(values, bad, step, args):
 @dataclass
 class Run:
     """What a step touches. teacher: the EMA copy (no heads; None: --source-only); imagenet: the frozen copy of the
-    feature distance (--fd); heads: the auxiliaries' modules by name; trainable: student + heads (DDP under torchrun)."""
+    feature distance (--fd); heads: the auxiliaries' modules by name; trainable: student + heads (DDP: torchrun)."""
     student: nn.Module
     teacher: Optional[nn.Module]
     imagenet: Optional[nn.Module]
@@ -320,7 +322,7 @@ def train(args):
     if rank == 0 and world > 1:
         dist.barrier()
     tgt = data.build_dataset(args.target, args.data_root, "train", crop_size=args.crop_size, seed=args.seed + 1,
-                             resize=size[args.target], frame=True)
+                             resize=size[args.target], frame=True, labels=False)  # its labels are never used
     val = data.build_dataset(args.target, args.data_root, "val", train=False, resize=size[args.target])
     run = build_run(args, src.num_classes)
     if world > 1:  # augmentation, ClassMix and masks differ per rank; the weights were made (and broadcast) above
@@ -405,7 +407,7 @@ def parse_args(argv=None):
     g.add_argument("--labeled", metavar="N|FILE", help="semi-supervised (--source = --target): N labelled train "
                    "images (a seeded draw, saved as OUT/labeled.txt) or a split file (UniMatch or U2PL format); "
                    "every train image is also an unlabelled target, as in ClassMix")
-    g.add_argument("--data-root", default="data", help="folder with gta/, synthia/, cityscapes/, voc/ (default: data)")
+    g.add_argument("--data-root", default="data", help="folder of gta/, cityscapes/, acdc/, voc/, ... (default: data)")
     g.add_argument("--crop-size", type=int, help=f"square random crop after the recipe's resize {preset('crop_size')}")
     g.add_argument("--batch-size", type=int, default=2, help="source and target images per step and GPU (default: 2)")
     g.add_argument("--workers", type=int, default=None, help="DataLoader processes (default: 4 on CUDA, 0 on CPU)")
@@ -442,10 +444,12 @@ def parse_args(argv=None):
     g = p.add_argument_group("comparisons: MIC, class-wise MIM (baselines.py) and the DAFormer extras")
     g.add_argument("--mic-block", type=int, help="MIC mask block in pixels (default: crop/16, 32 at 512)")
     g.add_argument("--mic-ratio", type=float, default=0.7, help="MIC fraction of masked blocks (default: 0.7)")
+    g.add_argument("--mic-mode", choices=["separatetrgaug", "separate"], help="MIC's masked batch: the target crops, "
+                   "augmented; or 1 source + 1 target per 2, plain (default: as MIC, separate to acdc/dark_zurich)")
     g.add_argument("--fd", action="store_true", help="ImageNet feature distance on thing classes (DAFormer)")
     g.add_argument("--lambda-fd", type=float, default=baselines.LAMBDA_FD, help="its weight (default: 0.005)")
     g.add_argument("--pl-crop", action="store_true", help="weight 0 on the top 15 / bottom 120 rows of target "
-                   "pseudo-labels, scaled to the crop (DAFormer)")
+                   "pseudo-labels, scaled to the crop (DAFormer; --recipe hrda: off on acdc, dark_zurich, as HRDA)")
     g.add_argument("--recipe", choices=["dacs", "daformer", "hrda"], default="dacs",
                    help="daformer = --rcs --fd --pl-crop --ema 0.999; hrda = daformer + HRDA's multi-resolution "
                    "training (hrda.py): --resize-scale 2, crops 2x the pair's (1024), pseudo-label crop of the image's "
@@ -492,12 +496,12 @@ def resolve(args):
         raise ConfigError(f"--labeled is the semi-supervised setting: it needs --source = --target (cityscapes, voc "
                           f"or toy-night), got --source {args.source} --target {args.target}"
                           + ("" if args.labeled is not None else " without --labeled N|FILE") + ".")
-    if args.recipe != "dacs":
-        vars(args).update(DAFORMER)
+    if args.recipe != "dacs":  # HRDA/MIC: no pseudo-label margins on targets without rectification artefacts
+        vars(args).update(DAFORMER, pl_crop=args.pl_crop or not (hr and args.target in data.NO_RECTIFICATION))
     if hr and (args.crop_size // 2) % 8:
         raise ConfigError(f"--crop-size {args.crop_size} with --recipe hrda: the detail crop (half of it, "
                           f"{args.crop_size // 2}) must be divisible by 8.")
-    args.mic_block = args.mic_block or max(1, args.crop_size // 16)
+    args.mic_block, args.mic_mode = args.mic_block or max(1, args.crop_size // 16), args.mic_mode or "separatetrgaug"
     aux = [] if args.no_mfm or args.source_only else [a for a in args.aux.split(",") if a not in ("", "none")]
     unknown = [a for a in aux if a not in AUXILIARIES]
     if unknown:

@@ -143,7 +143,7 @@ def test_an_auxiliary_is_one_table_entry(monkeypatch):
     the optimizer (at --lr-rebuilder) and in ckpt.pt, and its weighted loss in the step; nothing else changes."""
     seen = []
 
-    def branch(m, x_tgt, pl, weight, args):
+    def branch(m, x_tgt, pl, weight, args, src):
         seen.append((x_tgt.shape, pl.shape))
         return m.heads["probe"](x_tgt).square().mean(), dict(probe_map=x_tgt[:, :1])
     probe = train.Auxiliary(branch, "probe", head="probe", build=lambda student, args: nn.Conv2d(3, 1, 1))

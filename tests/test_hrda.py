@@ -1,7 +1,8 @@
 """hrda.py at the tiny CPU recipe of HRDA.md §5 (MiT-B0 and the toy resnet18, crop 128, detail 64, K=19): the
 attention head's parameter counts (HRDA.md §1.3), the detail offsets, the fusion against a hand computation and
 where the detail may not reach (§1.4), the 9-crop teacher and the 3-window test geometry (§2), the 0.9/0.1 loss
-(§1.5), MFM on both views through HRDA.rebuild (§4.2), MIC's mask in both views (§3), optimiser groups and rebuilding from config."""
+(§1.5), MFM on both views through HRDA.rebuild (§4.2), MIC's mask in both views (§3), optimiser groups and
+rebuilding from config."""
 import functools
 
 import pytest

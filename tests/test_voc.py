@@ -49,7 +49,8 @@ def test_voc_reads_the_devkit_tree_as_downloaded(voc_data):
     assert [s[2] for s in val.samples] == ["2007_000033.png", "2010_000004.png"] and val.num_classes == 21
     img, lbl, name = val[1]  # native size (portrait 60x80), no resize; palette indices and 255 borders kept
     ids = np.asarray(Image.open(base / "SegmentationClass/2010_000004.png"))
-    assert name == "2010_000004.png" and img.shape == (3, 80, 60) and torch.equal(lbl, torch.from_numpy(ids.copy()).long())
+    assert name == "2010_000004.png" and img.shape == (3, 80, 60)
+    assert torch.equal(lbl, torch.from_numpy(ids.copy()).long())
     assert 255 in lbl and (lbl[lbl != 255] <= 20).all()
     jpeg = np.asarray(Image.open(base / "JPEGImages/2010_000004.jpg").convert("RGB"))
     assert torch.allclose(img, torch.from_numpy(jpeg.copy()).permute(2, 0, 1).float() / 255)
