@@ -85,6 +85,15 @@ def meta_step_syncs(train_argv, steps=2):
     return {k: v / steps for k, v in counter.counts.items()}
 
 
+def train_error(argv):
+    """train.main's one-line error message for `argv` (it must exit with one)."""
+    with pytest.raises(SystemExit) as stop:
+        train.main(argv)
+    message = str(stop.value)
+    assert message.startswith("error: ") and "\n" not in message.strip(), message
+    return message
+
+
 # ----------------------------------------------------------------------------- writers (independent of data.py)
 def write_png16(path, arr):
     """Minimal PNG encoder: 16-bit, 1/3/4 channels, filter type 0 for every row."""

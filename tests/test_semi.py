@@ -7,6 +7,7 @@ import torch
 
 import data
 import train
+from conftest import train_error
 
 TINY = ["--backbone", "resnet18", "--pretrained", "none", "--crop-size", "32", "--mfm-dim", "64", "--mfm-heads", "4",
         "--eval-every", "0", "--vis-every", "0", "--log-every", "1"]
@@ -15,14 +16,6 @@ TINY = ["--backbone", "resnet18", "--pretrained", "none", "--crop-size", "32", "
 def semi(fake_data, out, labeled, *extra):
     return train.main(["--source", "cityscapes", "--target", "cityscapes", "--data-root", str(fake_data),
                        "--labeled", str(labeled), "--out", str(out), "--iters", "2", *TINY, *extra])
-
-
-def error(argv):
-    with pytest.raises(SystemExit) as stop:
-        train.main(argv)
-    message = str(stop.value)
-    assert message.startswith("error: ") and "\n" not in message.strip(), message
-    return message
 
 
 @pytest.mark.parametrize("mode", [[], ["--source-only"], ["--no-mfm"], ["--aux", "cmim"]])
@@ -67,12 +60,12 @@ def test_toy_semi_supervised_runs(tmp_path):
 
 def test_semi_supervised_errors_name_the_flag_or_file(fake_data, tmp_path):
     base = ["--source", "cityscapes", "--target", "cityscapes", "--data-root", str(fake_data), *TINY]
-    assert "--labeled" in error([*base, "--labeled", "3", "--out", str(tmp_path / "a")])  # 2 train images
+    assert "--labeled" in train_error([*base, "--labeled", "3", "--out", str(tmp_path / "a")])  # 2 train images
     missing = tmp_path / "missing.txt"
     missing.write_text("leftImg8bit/train/aachen/aachen_999999_000019_leftImg8bit.png")
-    assert "aachen_999999_000019" in error([*base, "--labeled", str(missing), "--out", str(tmp_path / "b")])
+    assert "aachen_999999_000019" in train_error([*base, "--labeled", str(missing), "--out", str(tmp_path / "b")])
     garbage = tmp_path / "garbage.txt"
     garbage.write_text("this is not a split file\n")
-    assert "garbage.txt" in error([*base, "--labeled", str(garbage), "--out", str(tmp_path / "c")])
-    assert "--labeled" in error(["--source", "gta", "--target", "cityscapes", "--labeled", "10", "--device", "cpu"])
-    assert "--labeled" in error(["--source", "cityscapes", "--target", "cityscapes", "--device", "cpu"])
+    assert "garbage.txt" in train_error([*base, "--labeled", str(garbage), "--out", str(tmp_path / "c")])
+    assert "--labeled" in train_error(["--source", "gta", "--target", "cityscapes", "--labeled", "10", "--device", "cpu"])
+    assert "--labeled" in train_error(["--source", "cityscapes", "--target", "cityscapes", "--device", "cpu"])

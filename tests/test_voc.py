@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import make_voc, voc_colour_map
+from conftest import make_voc, train_error, voc_colour_map
 from PIL import Image
 
 import data
@@ -21,14 +21,6 @@ TRAIN = ["2007_000032.png", "2007_000039.png", "2008_000002.png", "2009_000012.p
 AUG = ["2008_000008.png", "2011_000003.png"]  # labelled only in SegmentationClassAug
 TINY = ["--backbone", "deeplabv3plus-resnet18", "--pretrained", "none", "--crop-size", "32", "--mfm-dim", "64",
         "--mfm-heads", "4", "--mfm-grid", "2", "--vis-every", "0", "--log-every", "1"]
-
-
-def error(argv):
-    with pytest.raises(SystemExit) as stop:
-        train.main(argv)
-    message = str(stop.value)
-    assert message.startswith("error: ") and "\n" not in message.strip(), message
-    return message
 
 
 # ----------------------------------------------------------------------------- classes and the tree
@@ -258,8 +250,8 @@ def test_voc_runs_the_other_auxiliaries(voc_data, tmp_path, aux):
 
 def test_voc_and_deeplabv3plus_errors_name_the_flag(voc_data, tmp_path):
     base = ["--source", "voc", "--target", "voc", "--data-root", str(voc_data), "--device", "cpu", *TINY]
-    assert "--batch-size 1" in error([*base, "--labeled", "2", "--batch-size", "1", "--out", str(tmp_path / "a")])
-    assert "--labeled" in error([*base, "--labeled", "5", "--out", str(tmp_path / "b")])
-    assert "--labeled" in error([*base, "--out", str(tmp_path / "c")])
-    assert "--recipe hrda" in error(["--source", "toy-day", "--target", "toy-night", "--recipe", "hrda", "--out",
+    assert "--batch-size 1" in train_error([*base, "--labeled", "2", "--batch-size", "1", "--out", str(tmp_path / "a")])
+    assert "--labeled" in train_error([*base, "--labeled", "5", "--out", str(tmp_path / "b")])
+    assert "--labeled" in train_error([*base, "--out", str(tmp_path / "c")])
+    assert "--recipe hrda" in train_error(["--source", "toy-day", "--target", "toy-night", "--recipe", "hrda", "--out",
                                      str(tmp_path / "d"), "--device", "cpu", *TINY])
