@@ -13,7 +13,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's flat modules, however pytest is run
 import bench  # noqa: E402
 import data  # noqa: E402
+import models  # noqa: E402
 import train  # noqa: E402
+from mfm import weighted_cross_entropy  # noqa: E402
 
 GTA_PALETTE = np.array(data.PALETTE * 14, np.uint8)[:256].ravel().tolist()
 
@@ -83,6 +85,26 @@ def meta_step_syncs(train_argv, steps=2):
         for _ in range(steps):
             step()
     return {k: v / steps for k, v in counter.counts.items()}
+
+
+class Recorder(torch.nn.Module):
+    """A one-conv network with the face the auxiliaries use, recording what they feed it: `seen` gets each encode
+    input, then each seg_loss label and weight. decode keeps every stride-th logit (a network's output stride)."""
+
+    def __init__(self, stride=1):
+        super().__init__()
+        self.conv, self.stride, self.seen = torch.nn.Conv2d(3, 19, 1), stride, []
+
+    def encode(self, images):
+        self.seen.append(images)
+        return self.conv(images)
+
+    def decode(self, feats):
+        return feats[..., ::self.stride, ::self.stride]
+
+    def seg_loss(self, out, label, weight):
+        self.seen.extend([label, weight])
+        return weighted_cross_entropy(models.upsample(out, label.shape[-2:]), label, weight)
 
 
 def train_error(argv):

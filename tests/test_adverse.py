@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_gta_cityscapes, meta_step_syncs, write_rgb
+from conftest import Recorder, make_gta_cityscapes, meta_step_syncs, write_rgb
 from PIL import Image
 
 import baselines
@@ -22,7 +22,6 @@ import eval as evaluation
 import models
 import train
 from data import DatasetError, build_dataset
-from mfm import weighted_cross_entropy
 
 CONDITIONS = ("fog", "night", "rain", "snow")
 SMALL = ["--resize-scale", "0.125", "--crop-size", "64", "--pretrained", "none", "--backbone", "mit_b0",
@@ -221,29 +220,13 @@ def test_the_pairs_take_the_anchors_settings():
 
 def test_mic_separate_masks_one_source_and_one_target_crop_unaugmented():
     torch.manual_seed(0)
-    seen = []
-
-    class Recorder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = torch.nn.Conv2d(3, 19, 1)
-
-        def encode(self, images):
-            seen.append(images)
-            return self.conv(images)
-
-        def decode(self, feats):
-            return feats
-
-        def seg_loss(self, out, label, weight):
-            seen.extend([label, weight])
-            return weighted_cross_entropy(out, label, weight)
-
     x_src, x_tgt = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
     y_src, pl = torch.randint(0, 19, (2, 16, 16)), torch.randint(0, 19, (2, 16, 16))
     weight = torch.rand(2, 16, 16)
-    loss, keep = baselines.mic_loss(Recorder(), x_tgt, pl, weight, block=4, ratio=0.5, return_mask=True,
+    student = Recorder()
+    loss, keep = baselines.mic_loss(student, x_tgt, pl, weight, block=4, ratio=0.5, return_mask=True,
                                     src=(x_src, y_src))
+    seen = student.seen
     plain = torch.stack([x_src[0], x_tgt[0]])  # source 0, target 0, no colour augmentation (MIC's `separate`)
     fill = torch.tensor(models.IMAGENET_MEAN).view(1, 3, 1, 1).expand_as(plain)
     assert torch.equal(seen[0], torch.where(keep.bool(), plain, fill))

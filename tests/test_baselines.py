@@ -10,7 +10,7 @@ import baselines
 import data
 import models
 from baselines import ClassWiseReconstructor, cmim_loss, feature_distance_loss, mic_loss, pseudo_label_crop
-from mfm import weighted_cross_entropy
+from conftest import Recorder
 
 
 def deeplab(seed=0):
@@ -48,30 +48,13 @@ def test_random_block_mask_is_block_aligned_cut_at_border_and_has_the_ratio():
 def test_mic_student_sees_the_masked_image_and_learns_the_pseudo_labels():
     torch.manual_seed(0)
     x = torch.rand(2, 3, 32, 32)
-    seen = []
-
-    class Recorder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = torch.nn.Conv2d(3, 19, 1)
-
-        def encode(self, images):
-            seen.append(images)
-            return self.conv(images)
-
-        def decode(self, feats):
-            return feats[..., ::8, ::8]
-
-        def seg_loss(self, out, label, weight):
-            return weighted_cross_entropy(models.upsample(out, label.shape[-2:]), label, weight)
-
-    student = Recorder()
+    student = Recorder(stride=8)
     pl = torch.randint(0, 19, (2, 32, 32))
     loss, keep = mic_loss(student, x, pl, 0.5, block=8, ratio=0.7, augment=None, return_mask=True)
     fill = torch.tensor(models.IMAGENET_MEAN).view(1, 3, 1, 1).expand_as(x)
-    assert torch.equal(seen[0], torch.where(keep.bool(), x, fill))
+    assert torch.equal(student.seen[0], torch.where(keep.bool(), x, fill))
     assert 0 < keep.mean() < 1
-    logits = models.upsample(student.conv(seen[0])[..., ::8, ::8], (32, 32))
+    logits = models.upsample(student.conv(student.seen[0])[..., ::8, ::8], (32, 32))
     expected = 0.5 * torch.nn.functional.cross_entropy(logits, pl)
     assert torch.allclose(loss, expected)
 

@@ -248,7 +248,7 @@ def test_voc_runs_the_other_auxiliaries(voc_data, tmp_path, aux):
     assert loss > 0 if aux == "mic" else 0 <= loss < float("inf")
 
 
-def test_voc_and_deeplabv3plus_errors_name_the_flag(voc_data, tmp_path):
+def test_voc_and_deeplabv3plus_mistakes_are_named(voc_data, tmp_path):
     base = ["--source", "voc", "--target", "voc", "--data-root", str(voc_data), "--device", "cpu", *TINY]
     assert "--batch-size 1" in train_error([*base, "--labeled", "2", "--batch-size", "1", "--out", str(tmp_path / "a")])
     assert "--labeled" in train_error([*base, "--labeled", "5", "--out", str(tmp_path / "b")])
