@@ -248,6 +248,7 @@ def build_model(num_classes=19, backbone="resnet101-v1c", pretrained=None, hrda=
         return models.build_model(num_classes, backbone, pretrained, **kw)
     if backbone in models.DLV3P:  # AttentionHead takes DeepLabV2's map or MiT's list, no dict
         raise models.WeightsError(f"--recipe hrda runs DeepLabV2 and DAFormer networks, not {backbone}.")
+    hrda = {{"hr_loss_weight": "detail_loss_weight"}.get(k, k): v for k, v in hrda.items()}  # model.pt before #23
     model = HRDA(models.build_model(num_classes, backbone, **kw), **hrda)
     if pretrained not in (None, "none"):
         models.load_pretrained(model, pretrained)

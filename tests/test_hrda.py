@@ -297,3 +297,5 @@ def test_rebuild_from_config():
     assert {k: v.shape for k, v in clone.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
     assert (clone.feat_channels, clone.feat_stride) == ([32, 64, 160, 256], 32)
     assert type(hrda.build_model(K, "resnet18")) is models.DeepLabV2
+    older = dict(model.config, hrda=dict(crop_size=128, hr_loss_weight=0.2))  # model.pt files before the renaming
+    assert hrda.build_model(**older).detail_loss_weight == 0.2
