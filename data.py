@@ -57,15 +57,11 @@ VOC_CLASS_NAMES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle
 VOC_PALETTE = ((0, 0, 0), (128, 0, 0), (0, 128, 0), (128, 128, 0), (0, 0, 128), (128, 0, 128), (0, 128, 128),
                (128, 128, 128), (64, 0, 0), (192, 0, 0), (64, 128, 0), (192, 128, 0), (64, 0, 128), (192, 0, 128),
                (64, 128, 128), (192, 128, 128), (0, 64, 0), (128, 64, 0), (0, 192, 0), (128, 192, 0), (0, 64, 128))
-VOC_LUT = np.full(256, IGNORE_INDEX, np.uint8)  # class indices as downloaded; 255 (object borders) and others ignored
-VOC_LUT[:len(VOC_CLASS_NAMES)] = np.arange(len(VOC_CLASS_NAMES))
 VOC_DIR = "voc/VOCdevkit/VOC2012"  # under the data root, as the devkit tar unpacks
 # UniMatch's random rescale (dataset/semi.py:42, transform.py:44-57): long side x U(0.5, 2.0), then the crop, padded
 # with image 0 / label 255 where the image is smaller (transform.py:10-15)
 VOC_SCALE = (0.5, 2.0)
 CLASSES = {"voc": (VOC_CLASS_NAMES, VOC_PALETTE)}  # datasets with their own classes; the others: Cityscapes' 19
-TRAINID_LUT = np.full(256, IGNORE_INDEX, np.uint8)  # trainId files (ACDC, Dark Zurich): any other value is ignored
-TRAINID_LUT[:len(CLASS_NAMES)] = np.arange(len(CLASS_NAMES))
 _LABEL_SUFFIX = "_gtFine_labelIds.png"  # Cityscapes labels we read (split files may name labelTrainIds)
 MAX_LABEL_ID = 33  # the largest id of the official Cityscapes table (bicycle); GTA uses the same ids
 NOT_IDS_FRACTION = 0.5  # *choice*: a label with more of its pixels outside 0-33 is no label-id map: rejected
@@ -81,6 +77,14 @@ RESIZE = {"gta": (1280, 720), "synthia": (1280, 760), "cityscapes": (1024, 512),
 # The adverse-condition targets (ADVERSE.md §1-2): labels *_gt_labelTrainIds.png are trainIds already; images
 # *_rgb_anon.png, the label under the same relative path (mmseg custom.py:152-155, no split files).
 TRAINID_DATASETS = ("acdc", "dark_zurich")
+# Label files that hold class indices already (ACDC, Dark Zurich: trainIds; VOC: 0-20, 255 on object borders):
+# name -> (lookup table keeping 0..K-1, every other value ignored; what they hold; the file the download has)
+INDEX_LABELS = {name: (np.array([*range(k), *[IGNORE_INDEX] * (256 - k)], np.uint8), known, expected)
+                for names, k, known, expected in (
+                    (TRAINID_DATASETS, len(CLASS_NAMES), "the trainIds 0-18 and 255", "*_gt_labelTrainIds.png"),
+                    (("voc",), len(VOC_CLASS_NAMES), "the VOC class indices 0-20 and 255",
+                     "SegmentationClass (palette) or SegmentationClassAug PNG"))
+                for name in names}
 CONDITIONS = {"acdc": ("fog", "night", "rain", "snow")}  # the top folders of ACDC's zips; scored one by one
 UNLABELLED = {("acdc", "test"), ("dark_zurich", "train"), ("dark_zurich", "test")}  # no ground truth downloaded
 NO_RECTIFICATION = ("acdc", "dark_zurich")  # HRDA/MIC drop the pseudo-label margins there: "no rectification
@@ -159,17 +163,12 @@ def _read_label_ids(path, name):
     if mode not in ("P", "L"):  # an RGB colour-coded label would silently give garbage ids
         raise DatasetError(f"label {path} has mode {mode}; expected label ids as a palette (P) or grayscale (L) "
                            f"PNG, as in the official {name} download.")
-    if name == "voc":  # class indices 0-20 and 255 (SegmentationClass: palette PNG; SegmentationClassAug: grayscale)
-        if ((VOC_LUT[ids] == IGNORE_INDEX) & (ids != IGNORE_INDEX)).sum() > NOT_IDS_FRACTION * ids.size:
-            raise DatasetError(f"label {path} holds values other than the VOC class indices 0-20 and 255 in most of "
-                               "its pixels; expected SegmentationClass (palette) or SegmentationClassAug PNGs.")
-        return ids
     outside, known = _outside(ids, name)  # 16-bit instanceIds files already fail the mode check (I;16)
     if outside.size > NOT_IDS_FRACTION * ids.size:
+        expected = INDEX_LABELS[name][2] if name in INDEX_LABELS else \
+            "label-id PNG (not trainIds, colours or instance ids)"
         raise DatasetError(f"label {path} holds ids outside {known} in {outside.size / ids.size:.0%} of its pixels "
-                           f"(e.g. id {np.bincount(outside).argmax()}); expected the official {name} " + (
-                               "*_gt_labelTrainIds.png" if name in TRAINID_DATASETS else
-                               "label-id PNG (not trainIds, colours or instance ids)") + ".")
+                           f"(e.g. id {np.bincount(outside).argmax()}); expected the official {name} {expected}.")
     return ids
 
 
@@ -215,8 +214,9 @@ def _list_voc(root, split):
 
 def _outside(ids, name):
     """(values of the label map `ids` that its dataset's encoding does not know, what it knows in words)."""
-    if name in TRAINID_DATASETS:
-        return ids[(TRAINID_LUT[ids] == IGNORE_INDEX) & (ids != IGNORE_INDEX)], "the trainIds 0-18 and 255"
+    if name in INDEX_LABELS:
+        lut, known, _ = INDEX_LABELS[name]
+        return ids[(lut[ids] == IGNORE_INDEX) & (ids != IGNORE_INDEX)], known
     return ids[ids > MAX_LABEL_ID], f"the label ids 0-{MAX_LABEL_ID}"
 
 
@@ -384,15 +384,13 @@ class SegDataset(torch.utils.data.Dataset):
         ids = _read_label_ids(path, self.name)
         if self.name == "synthia":
             return SYNTHIA_LUT[ids]
-        if self.name == "voc":
-            return VOC_LUT[ids]
         outside, known = _outside(ids, self.name)  # DAFormer ignores ids outside the table: so do we, counting them
         if outside.size and not self.outside_pixels:  # warn once per dataset (and DataLoader worker)
             warnings.warn(f"{self.name}: label {path} holds {outside.size} pixels of id {outside.max()} (or others) "
                           f"outside {known}; ignored, as in DAFormer. Later ones are counted "
                           "silently (dataset.outside_pixels).")
         self.outside_pixels += outside.size
-        return (TRAINID_LUT if self.name in TRAINID_DATASETS else CITYSCAPES_LUT)[ids]
+        return INDEX_LABELS[self.name][0][ids] if self.name in INDEX_LABELS else CITYSCAPES_LUT[ids]
 
     def __getitem__(self, k):
         if not self.train:

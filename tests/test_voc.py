@@ -55,6 +55,22 @@ def test_voc_reads_the_devkit_tree_as_downloaded(voc_data):
     assert torch.equal(train_set[sorted(labels).index(AUG[0])][1], torch.from_numpy(aug_ids.copy()).long())
 
 
+def test_voc_labels_keep_all_21_classes_and_ignore_the_rest(tmp_path):
+    """Class indices 0-20 pass as they are (tv/monitor is 20), 255 stays ignored, and a stray value is ignored and
+    counted, with one warning, as for the other datasets."""
+    base = make_voc(tmp_path)
+    ids = np.full((60, 80), 255, np.uint8)
+    ids[:21] = np.arange(21).reshape(21, 1)
+    ids[30, :3] = 77  # a value no VOC class has
+    Image.fromarray(ids, "L").save(base / "SegmentationClass/2007_000033.png")
+    val = build_dataset("voc", tmp_path, "val", train=False)
+    with pytest.warns(UserWarning, match="3 pixels of id 77 .*VOC class indices 0-20 and 255"):
+        lbl = val[0][1]
+    expected = ids.astype(np.int64)
+    expected[30, :3] = 255
+    assert torch.equal(lbl, torch.from_numpy(expected)) and val.outside_pixels == 3
+
+
 def test_voc_without_aug_is_train_txt(tmp_path):
     base = make_voc(tmp_path)
     for f in (base / "SegmentationClassAug").iterdir():
