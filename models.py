@@ -37,6 +37,7 @@ import operator
 import os
 import re
 import warnings
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -529,14 +530,17 @@ def build_model(num_classes=19, backbone="resnet101-v1c", pretrained=None, **kw)
 
 
 # ---------------------------------------------------------------- weights and checkpoints
-def read_weights(path):
-    """torch.load(weights_only=True) of a file from elsewhere, or a WeightsError naming it."""
+def read_weights(path, mmap=False):
+    """torch.load(weights_only=True) of a file from elsewhere, or a WeightsError naming it. mmap: the tensors stay in
+    the file until used (a cheap look at what a file holds); files in torch's pre-1.6 format are read whole."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist. Pass a torchvision/open-mmlab ResNet or SegFormer "
                            "mit_bX.pth state dict, a model.pt/ckpt.pt written by train.py, a released DAFormer/HRDA/"
                            "MIC latest.pth, 'imagenet' or 'none'.")
     try:
+        if mmap and zipfile.is_zipfile(path):  # torch.save's format since 1.6, the only one torch can map
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated zip, a pickle of arbitrary objects, not a torch file at all, ...
         raise WeightsError(f"cannot read weights file {path}: {err}. It may be truncated (killed while "
@@ -742,8 +746,8 @@ def imagenet_copy(student, pretrained):
     """DAFormer's frozen ImageNet network for the feature distance: a copy of `student` before any training, in eval
     mode, without gradients. Started from a released DAFormer/HRDA/MIC checkpoint: that run's own ImageNet copy
     (imnet_model.*), not the adapted student it starts from."""
-    frozen = copy.deepcopy(student).eval().requires_grad_(False)
-    ckpt = None if pretrained in (None, "none", "imagenet") else read_weights(pretrained)
+    frozen = copy.deepcopy(student).eval().requires_grad_(False)  # the file was read to build the student: look
+    ckpt = None if pretrained in (None, "none", "imagenet") else read_weights(pretrained, mmap=True)  # again lazily
     if mmseg_checkpoint(ckpt) and any(k.startswith(UDA_PARTS["imagenet"]) for k in ckpt["state_dict"]):
         load_released(frozen, ckpt, str(pretrained), "imagenet")
     elif mmseg_checkpoint(ckpt):  # *choice*: a run without the feature distance saved no ImageNet copy

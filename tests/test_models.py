@@ -435,3 +435,26 @@ def test_build_model_rejects_unknown_backbone():
     with pytest.raises(WeightsError) as err:
         models.build_model(backbone="mit_b9")
     assert "mit_b5" in str(err.value) and "resnet101-v1c" in str(err.value)
+
+
+@pytest.mark.parametrize("zipped", [True, False])
+def test_read_weights_mapped_equals_read_whole(tmp_path, zipped):
+    """mmap=True (a lazy look at a file) gives the same tensors as a whole read, for torch.save's zip format and,
+    read whole, for the pre-1.6 format torch cannot map."""
+    state = {"a": torch.randn(3, 4), "b": {"c": torch.arange(5)}}
+    path = tmp_path / "w.pth"
+    torch.save(state, path, _use_new_zipfile_serialization=zipped)
+    mapped, whole = models.read_weights(path, mmap=True), models.read_weights(path)
+    assert torch.equal(mapped["a"], whole["a"]) and torch.equal(mapped["b"]["c"], state["b"]["c"])
+
+
+def test_the_feature_distance_copy_looks_at_the_pretrained_file_lazily(tmp_path, monkeypatch):
+    """build_run read the --pretrained file whole to build the student; the frozen ImageNet copy only checks whether
+    it is a released checkpoint with an imnet_model, through a mapped read."""
+    student = DeepLabV2(num_classes=19, backbone="resnet18")
+    path = tmp_path / "resnet18.pth"
+    torch.save({f"backbone.{k}": v for k, v in student.state_dict().items()}, path)
+    calls, read = [], models.read_weights
+    monkeypatch.setattr(models, "read_weights", lambda p, mmap=False: calls.append(mmap) or read(p, mmap))
+    frozen = models.imagenet_copy(student, path)
+    assert calls == [True] and not frozen.training and not any(p.requires_grad for p in frozen.parameters())
